@@ -1,0 +1,114 @@
+"""Pure-PyTorch reference of every op (docs/ops.md), written for clarity, not speed.
+
+Float64 inputs are computed in float64 (the tests' ground truth); every other dtype is computed in
+float32, like the kernels. Works on any device. Also the backward of the differentiable ops
+(ops/library.py differentiates through these functions).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def available(device: torch.device | None = None) -> tuple[bool, str | None]:
+    return True, None
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def rotate_half(q: torch.Tensor) -> torch.Tensor:
+    half = q.shape[-1] // 2
+    return torch.cat((-q[..., half:], q[..., :half]), dim=-1)
+
+
+def lookahead_qproj(x, weight, bias, lora_a, lora_b, lora_scale, cos, sin, num_heads, norm_weight, eps):
+    cd = _compute_dtype(x)
+    xf = x.to(cd)
+    q = xf @ weight.to(cd).T
+    if bias is not None:
+        q = q + bias.to(cd)
+    if lora_a is not None:
+        q = q + lora_scale * ((xf @ lora_a.to(cd).T) @ lora_b.to(cd).T)
+    q = q.view(x.shape[0], num_heads, -1)
+    if norm_weight is not None:
+        q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.to(cd)
+    cos_, sin_ = cos.to(cd)[:, None, :], sin.to(cd)[:, None, :]
+    return (q * cos_ + rotate_half(q) * sin_).to(x.dtype)
+
+
+def _grouped_probabilities(q, k, scale):
+    """Causal softmax probabilities [B, Hkv, G, Tq, N] of the queries (grouped by KV head)."""
+    B, Hq, Tq, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    cd = _compute_dtype(q)
+    qg = q.to(cd).reshape(B, Hkv, Hq // Hkv, Tq, D)
+    logits = torch.einsum("bhgtd,bhnd->bhgtn", qg, k.to(cd)) * scale
+    query_pos = torch.arange(N - Tq, N, device=q.device)
+    key_pos = torch.arange(N, device=q.device)
+    logits = logits.masked_fill(key_pos[None, :] > query_pos[:, None], float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def _pool(raw, pool_kernel, pool_type):
+    if pool_kernel == 1:
+        return raw
+    B, Hkv, S = raw.shape
+    flat = raw.reshape(B * Hkv, 1, S)
+    if pool_type == "max":
+        pooled = F.max_pool1d(flat, pool_kernel, stride=1, padding=pool_kernel // 2)
+    else:
+        pooled = F.avg_pool1d(flat, pool_kernel, stride=1, padding=pool_kernel // 2, count_include_pad=True)
+    return pooled.reshape(B, Hkv, S)
+
+
+def _scores(probs, num_scored, gqa_reduce, pool_kernel, pool_type):
+    per_head = probs[..., :num_scored].mean(dim=3)  # mean over the Tq queries: [B, Hkv, G, S]
+    raw = per_head.mean(dim=2) if gqa_reduce == "mean" else per_head.amax(dim=2)
+    return _pool(raw, pool_kernel, pool_type)
+
+
+def _score_dtype(q):
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def attention_scores(q, k, num_scored, scale, gqa_reduce, pool_kernel, pool_type):
+    probs = _grouped_probabilities(q, k, scale)
+    return _scores(probs, num_scored, gqa_reduce, pool_kernel, pool_type).to(_score_dtype(q))
+
+
+def lookahead_attention(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type):
+    probs = _grouped_probabilities(q, k, scale)
+    out = torch.einsum("bhgtn,bhnd->bhgtd", probs, v.to(probs.dtype)).reshape(q.shape).to(q.dtype)
+    scores = _scores(probs, num_scored, gqa_reduce, pool_kernel, pool_type).to(_score_dtype(q))
+    return out, scores
+
+
+def kept_positions(scores, num_keys, budget, num_sink):
+    """The ascending kept positions [B, Hkv, M] of select_compact (contract rules for ties and NaN)."""
+    B, Hkv, S = scores.shape
+    N = num_keys
+    device = scores.device
+    if budget >= N:
+        return torch.arange(N, device=device).expand(B, Hkv, N).contiguous()
+    sink = min(num_sink, S)
+    n_pick = budget - sink - (N - S)
+    candidates = scores[..., sink:].to(torch.float32)  # the contract compares scores as float32
+    is_nan = torch.isnan(candidates)
+    # Stable sorts give the total order: by score descending (equal scores keep position order),
+    # then NaN after every number (a second stable sort on the NaN flag).
+    order = torch.sort(candidates.masked_fill(is_nan, 0.0), dim=-1, descending=True, stable=True).indices
+    nan_last = torch.sort(is_nan.gather(-1, order).to(torch.uint8), dim=-1, stable=True).indices
+    chosen = order.gather(-1, nan_last)[..., :n_pick] + sink
+    protected = torch.cat(
+        (torch.arange(sink, device=device), torch.arange(S, N, device=device))
+    ).expand(B, Hkv, -1)
+    return torch.sort(torch.cat((protected, chosen), dim=-1), dim=-1).values
+
+
+def select_compact(scores, k, v, budget, num_sink):
+    kept = kept_positions(scores, k.shape[2], budget, num_sink)
+    index = kept[..., None].expand(-1, -1, -1, k.shape[-1])
+    return k.gather(2, index), v.gather(2, index), kept

@@ -1,0 +1,127 @@
+"""Every schema of torch.ops.lookaheadkv, in one place, with its device, fake and autograd kernels.
+
+Device kernels (CPU, CUDA, and any other device through the reference) validate the arguments and
+hand them to the backend chosen by ops/dispatch.py. Fake kernels validate too (shapes, dtypes,
+devices only) and allocate outputs, so the ops trace under torch.compile. Autograd of the
+differentiable ops recomputes the backward through the reference (used for training the lookahead
+module; the forward still runs the fast kernels).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..backends import reference
+from . import dispatch
+from .validation import CHECKS
+
+NAMESPACE = "lookaheadkv"
+
+SCHEMAS = {
+    "lookahead_qproj": (
+        "(Tensor x, Tensor weight, Tensor? bias, Tensor? lora_a, Tensor? lora_b, float lora_scale, "
+        "Tensor cos, Tensor sin, int num_heads, Tensor? norm_weight, float eps) -> Tensor"
+    ),
+    "attention_scores": (
+        "(Tensor q, Tensor k, int num_scored, float scale, str gqa_reduce, int pool_kernel, str pool_type) -> Tensor"
+    ),
+    "lookahead_attention": (
+        "(Tensor q, Tensor k, Tensor v, int num_scored, float scale, str gqa_reduce, int pool_kernel, "
+        "str pool_type) -> (Tensor, Tensor)"
+    ),
+    "select_compact": "(Tensor scores, Tensor k, Tensor v, int budget, int num_sink) -> (Tensor, Tensor, Tensor)",
+}
+
+
+def run(op: str, backend: str, *args):
+    """Validate `args` of `op` and run it on `backend` ("auto" = the device's default)."""
+    checked = CHECKS[op](*args)
+    device = checked[0].device
+    return getattr(dispatch.resolve(op, device, backend), op)(*checked)
+
+
+# ---- fake kernels: output shapes from input shapes and int arguments only ----------------------
+
+def _fake_lookahead_qproj(x, weight, bias, lora_a, lora_b, lora_scale, cos, sin, num_heads, norm_weight, eps):
+    CHECKS["lookahead_qproj"](x, weight, bias, lora_a, lora_b, lora_scale, cos, sin, num_heads, norm_weight, eps)
+    return x.new_empty(x.shape[0], num_heads, weight.shape[0] // num_heads)
+
+
+def _fake_attention_scores(q, k, num_scored, scale, gqa_reduce, pool_kernel, pool_type):
+    CHECKS["attention_scores"](q, k, num_scored, scale, gqa_reduce, pool_kernel, pool_type)
+    return q.new_empty(q.shape[0], k.shape[1], num_scored, dtype=torch.float32)
+
+
+def _fake_lookahead_attention(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type):
+    CHECKS["lookahead_attention"](q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type)
+    return q.new_empty(q.shape), q.new_empty(q.shape[0], k.shape[1], num_scored, dtype=torch.float32)
+
+
+def _fake_select_compact(scores, k, v, budget, num_sink):
+    CHECKS["select_compact"](scores, k, v, budget, num_sink)
+    B, H, N, D = k.shape
+    M = min(budget, N)
+    return k.new_empty(B, H, M, D), v.new_empty(B, H, M, D), k.new_empty(B, H, M, dtype=torch.int64)
+
+
+FAKES = {
+    "lookahead_qproj": _fake_lookahead_qproj,
+    "attention_scores": _fake_attention_scores,
+    "lookahead_attention": _fake_lookahead_attention,
+    "select_compact": _fake_select_compact,
+}
+
+
+# ---- autograd: backward through the reference ---------------------------------------------------
+
+def _setup_context(ctx, inputs, output):
+    ctx.tensor_positions = [i for i, a in enumerate(inputs) if isinstance(a, torch.Tensor)]
+    ctx.others = [None if isinstance(a, torch.Tensor) else a for a in inputs]
+    ctx.save_for_backward(*(inputs[i] for i in ctx.tensor_positions))
+
+
+def _make_backward(op: str):
+    forward = getattr(reference, op)
+
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        wanted = [i for i, p in enumerate(ctx.tensor_positions) if ctx.needs_input_grad[p]]
+
+        def differentiable_forward(*diff):
+            args = list(ctx.others)
+            for slot, p in enumerate(ctx.tensor_positions):
+                args[p] = saved[slot]
+            for slot, d in zip(wanted, diff):
+                args[ctx.tensor_positions[slot]] = d
+            out = forward(*args)
+            return out if isinstance(out, tuple) else (out,)
+
+        # Unused outputs arrive as zeros (autograd materialises them), so grads is complete.
+        _, vjp = torch.func.vjp(differentiable_forward, *(saved[i] for i in wanted))
+        diff_grads = vjp(tuple(grads))
+        result = [None] * len(ctx.others)
+        for slot, g in zip(wanted, diff_grads):
+            result[ctx.tensor_positions[slot]] = g
+        return tuple(result)
+
+    return backward
+
+
+DIFFERENTIABLE = ("lookahead_qproj", "attention_scores", "lookahead_attention")
+
+
+def _register():
+    for op, schema in SCHEMAS.items():
+        qualname = f"{NAMESPACE}::{op}"
+        torch.library.define(qualname, schema)
+
+        def device_kernel(*args, _op=op):
+            return run(_op, "auto", *args)
+
+        torch.library.impl(qualname, ("cpu", "cuda"), func=device_kernel)
+        torch.library.register_fake(qualname)(FAKES[op])
+        if op in DIFFERENTIABLE:
+            torch.library.register_autograd(qualname, _make_backward(op), setup_context=_setup_context)
+
+
+_register()
