@@ -17,6 +17,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+BUILD_LOG = ROOT / "build" / "native-build.log"
 
 
 def find_nvcc():
@@ -73,10 +74,21 @@ class CMakeBuild(build_ext):
         jobs = os.environ.get("LOOKAHEADKV_BUILD_JOBS", str(os.cpu_count() or 1))
         print(f"lookaheadkv_kernels: building {ext.target}", flush=True)
         subprocess.run(["cmake", str(ROOT), *args], cwd=build_temp, check=True)
-        subprocess.run(["cmake", "--build", ".", "--target", ext.target, "-j", jobs], cwd=build_temp, check=True)
+        build = subprocess.run(
+            ["cmake", "--build", ".", "--target", ext.target, "-j", jobs],
+            cwd=build_temp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        # pip hides build output unless -v; keep it (ptxas register/spill report included) in a file.
+        BUILD_LOG.parent.mkdir(exist_ok=True)
+        with BUILD_LOG.open("a") as log:
+            log.write(build.stdout)
+        print(build.stdout, flush=True)
+        if build.returncode:
+            raise RuntimeError(f"building {ext.target} failed (log: {BUILD_LOG})")
 
 
 with_cuda, nvcc = want_cuda()
+BUILD_LOG.unlink(missing_ok=True)
 setup(
     ext_modules=[CMakeExtension("lookaheadkv_kernels._C_cpu")]
     + ([CMakeExtension("lookaheadkv_kernels._C_cuda")] if with_cuda else []),

@@ -1,0 +1,311 @@
+"""Op benchmark: every backend of each op against the eager PyTorch composite a user would write
+without this package, at the SmolLM2 and Llama-3.1-8B shapes, in one run.
+
+    lookaheadkv bench [--device cpu|cuda] [--ops ...] [--lengths 4096,16384,32768] [--quick]
+    python -m lookaheadkv_kernels.bench ...
+
+Reports median times, the speed-up over the composite (ratio), peak extra memory, and the physical
+floor: max(bytes that must move / measured copy bandwidth, FLOPs / measured matmul rate), with the
+fraction of it each implementation reaches. Writes a CSV under bench/results/ (or --csv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import math
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .ops import dispatch
+
+SHAPES = {  # name: (Hq, Hkv, D, hidden)
+    "smollm2": (9, 3, 64, 576),
+    "llama8b": (32, 8, 128, 4096),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NUM_QUERIES = 32  # lookahead tokens
+POOL_KERNEL = 7
+
+
+# ---- the eager composites (what a user writes without this package) ---------------------------
+
+def composite_attention(q, k, v, num_scored, pool_kernel):
+    """kvpress/SnapKV-style eager scoring: grouped matmul, causal mask, fp32 softmax, mean, pool."""
+    B, Hq, Tq, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    qg = q.view(B, Hkv, Hq // Hkv, Tq, D)
+    logits = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) / math.sqrt(D)
+    mask = torch.ones(Tq, N, dtype=torch.bool, device=q.device).triu(N - Tq + 1)
+    probs = logits.masked_fill(mask, float("-inf")).softmax(dim=-1, dtype=torch.float32)
+    raw = probs[..., :num_scored].mean(dim=3).mean(dim=2)
+    scores = F.max_pool1d(raw, pool_kernel, stride=1, padding=pool_kernel // 2)
+    out = None if v is None else torch.matmul(probs.to(v.dtype), v.unsqueeze(2)).view(B, Hq, Tq, D)
+    return scores, out
+
+
+def composite_select(scores, k, v, budget, num_sink):
+    """topk + sort + gather, protecting the sinks and the unscored tail."""
+    B, H, S = scores.shape
+    N = k.shape[2]
+    top = scores[..., num_sink:].topk(budget - num_sink - (N - S), dim=-1).indices + num_sink
+    keep = torch.cat((torch.arange(num_sink, device=k.device).expand(B, H, -1), top,
+                      torch.arange(S, N, device=k.device).expand(B, H, -1)), dim=-1)
+    keep = keep.sort(dim=-1).values
+    index = keep[..., None].expand(-1, -1, -1, k.shape[-1])
+    return k.gather(2, index), v.gather(2, index), keep
+
+
+def composite_qproj(x, weight, lora_a, lora_b, lora_scale, cos, sin, num_heads):
+    q = F.linear(x, weight) + lora_scale * F.linear(F.linear(x, lora_a.to(x.dtype)), lora_b.to(x.dtype))
+    q = q.view(x.shape[0], num_heads, -1)
+    half = q.shape[-1] // 2
+    rotated = torch.cat((-q[..., half:], q[..., :half]), dim=-1)
+    return q * cos[:, None].to(x.dtype) + rotated * sin[:, None].to(x.dtype)
+
+
+# ---- measurement -------------------------------------------------------------------------------
+
+def _set_malloc_mode(measuring_memory):
+    """glibc serves allocations below its mmap threshold from a heap it keeps after frees, which
+    hides a call's temporaries from the resident set. While measuring memory the threshold is
+    64 KiB (every large temporary is mapped and unmapped, so it shows in the RSS peak); while
+    timing, the thresholds are glibc's own upper bounds (mmap 32 MiB, trim 64 MiB), close to
+    what its dynamic tuning settles on in a long-running process."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, (64 << 10) if measuring_memory else (32 << 20))  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, (128 << 10) if measuring_memory else (64 << 20))  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_extra_memory(fn, device):
+    """Peak memory above the starting level during one call: the CUDA allocator's peak on GPUs;
+    on CPUs the resident set sampled every 0.2 ms by a thread (native scratch included)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    _set_malloc_mode(measuring_memory=True)
+    start, peak, done = _rss_bytes(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.0002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+        _set_malloc_mode(measuring_memory=False)
+    return max(0, max(peak[0], _rss_bytes()) - start)
+
+
+def median_time(fn, device, repeats, warmup=2):
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@dataclass
+class Ceilings:
+    """Measured copy bandwidth (bytes/s, read+write) and matmul rate (FLOP/s) per dtype."""
+
+    bandwidth: float
+    matmul: dict = field(default_factory=dict)
+
+    @classmethod
+    def measure(cls, device, dtypes):
+        n = (256 << 20) if device.type == "cuda" else (64 << 20)
+        src = torch.empty(n, dtype=torch.uint8, device=device).random_(0, 255)
+        dst = torch.empty_like(src)
+        copy_time = median_time(lambda: dst.copy_(src), device, repeats=10)
+        ceilings = cls(bandwidth=2 * n / copy_time)
+        size = 8192 if device.type == "cuda" else 1024
+        for dtype in dtypes:
+            a = torch.randn(size, size, device=device).to(dtype)
+            t = median_time(lambda: a @ a, device, repeats=5)
+            ceilings.matmul[dtype] = 2 * size**3 / t
+        return ceilings
+
+    def floor(self, bytes_moved, flops, dtype):
+        return max(bytes_moved / self.bandwidth, flops / self.matmul[dtype])
+
+
+# ---- cases -------------------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    op: str
+    shape: str
+    dtype: str
+    N: int
+    budget: int | None
+    bytes_moved: float
+    flops: float
+    runners: dict  # name -> zero-arg callable
+
+
+def _backends_for(device, requested):
+    names = [b for b in requested if dispatch.unavailable_reason(b, device) is None]
+    return names
+
+
+def build_cases(args, device, backends):
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for shape_name in args.shapes:
+        Hq, Hkv, D, hidden = SHAPES[shape_name]
+        for dtype_name in args.dtypes:
+            dtype = DTYPES[dtype_name]
+            esize = torch.empty((), dtype=dtype).element_size()
+            if "lookahead_qproj" in args.ops:
+                x = torch.randn(NUM_QUERIES, hidden, generator=gen).to(device, dtype)
+                w = (torch.randn(Hq * D, hidden, generator=gen) * hidden**-0.5).to(device, dtype)
+                la = (torch.randn(8, hidden, generator=gen) * hidden**-0.5).to(device)
+                lb = (torch.randn(Hq * D, 8, generator=gen) * 0.1).to(device)
+                cos, sin = torch.randn(NUM_QUERIES, D).to(device), torch.randn(NUM_QUERIES, D).to(device)
+                runners = {
+                    b: (lambda b=b: ops.lookahead_qproj(x, w, cos, sin, Hq, lora_a=la, lora_b=lb, lora_scale=4.0, backend=b))
+                    for b in backends
+                }
+                runners["composite"] = lambda: composite_qproj(x, w, la, lb, 4.0, cos, sin, Hq)
+                yield Case("lookahead_qproj", shape_name, dtype_name, NUM_QUERIES, None,
+                           bytes_moved=w.numel() * esize, flops=2 * NUM_QUERIES * w.numel(), runners=runners)
+            for N in args.lengths:
+                q = torch.randn(1, Hq, NUM_QUERIES, D, generator=gen).to(device, dtype)
+                k = torch.randn(1, Hkv, N, D, generator=gen).to(device, dtype)
+                v = torch.randn(1, Hkv, N, D, generator=gen).to(device, dtype)
+                kv_bytes = k.numel() * esize
+                qk_flops = 2 * Hq * NUM_QUERIES * N * D
+                S = N - NUM_QUERIES  # the lookahead keys themselves are not scored
+                for op in ("attention_scores", "lookahead_attention"):
+                    if op not in args.ops:
+                        continue
+                    with_v = op == "lookahead_attention"
+                    runners = {}
+                    for b in backends:
+                        if with_v:
+                            runners[b] = lambda b=b: ops.lookahead_attention(q, k, v, num_scored=S, pool_kernel=POOL_KERNEL, backend=b)
+                        else:
+                            runners[b] = lambda b=b: ops.attention_scores(q, k, num_scored=S, pool_kernel=POOL_KERNEL, backend=b)
+                    runners["composite"] = lambda with_v=with_v: composite_attention(q, k, v if with_v else None, S, POOL_KERNEL)
+                    yield Case(op, shape_name, dtype_name, N, None,
+                               bytes_moved=kv_bytes * (2 if with_v else 1),
+                               flops=qk_flops * (2 if with_v else 1), runners=runners)
+                if "select_compact" in args.ops:
+                    scores = torch.randn(1, Hkv, S, generator=gen).to(device)
+                    for budget in args.budgets:
+                        if budget >= N:
+                            continue
+                        runners = {
+                            b: (lambda b=b, budget=budget: ops.select_compact(scores, k, v, budget, num_sink=4, backend=b))
+                            for b in backends
+                        }
+                        runners["composite"] = lambda budget=budget: composite_select(scores, k, v, budget, 4)
+                        # Read the scores once, read and write the kept K and V rows.
+                        moved = scores.numel() * 4 + 2 * 2 * Hkv * budget * D * esize
+                        yield Case("select_compact", shape_name, dtype_name, N, budget, moved, 0.0, runners)
+
+
+def run(args):
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    backends = _backends_for(device, args.backends)
+    dtypes = [DTYPES[d] for d in args.dtypes]
+    if device.type == "cpu":
+        _set_malloc_mode(measuring_memory=False)
+    ceilings = Ceilings.measure(device, dtypes)
+    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"copy {ceilings.bandwidth / 1e9:.1f} GB/s, matmul "
+          + ", ".join(f"{str(d).replace('torch.', '')} {r / 1e12:.2f} TFLOP/s" for d, r in ceilings.matmul.items()))
+    print(f"backends: {', '.join(backends)} vs the eager composite")
+    header = ["op", "shape", "dtype", "N", "budget", "impl", "median_ms", "speedup_vs_composite",
+              "peak_extra_MiB", "floor_ms", "fraction_of_floor"]
+    rows = []
+    print(" | ".join(header))
+    for case in build_cases(args, device, backends):
+        floor = ceilings.floor(case.bytes_moved, case.flops, DTYPES[case.dtype])
+        timings = {}
+        for name, fn in case.runners.items():
+            timings[name] = median_time(fn, device, args.repeats)
+        for name, fn in case.runners.items():
+            row = [case.op, case.shape, case.dtype, case.N, case.budget or "", name,
+                   f"{timings[name] * 1e3:.3f}", f"{timings['composite'] / timings[name]:.2f}",
+                   f"{peak_extra_memory(fn, device) / 2**20:.1f}", f"{floor * 1e3:.3f}",
+                   f"{floor / timings[name]:.3f}"]
+            rows.append(row)
+            print(" | ".join(map(str, row)), flush=True)
+    out = Path(args.csv) if args.csv else Path("bench/results") / (
+        f"ops_{device.type}_{datetime.date.today().isoformat()}.csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    print(f"wrote {out}")
+    return rows
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="lookaheadkv bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--ops", default=",".join(dispatch.OPS), type=lambda s: s.split(","))
+    p.add_argument("--shapes", default="smollm2,llama8b", type=lambda s: s.split(","))
+    p.add_argument("--dtypes", default="float32,bfloat16", type=lambda s: s.split(","))
+    p.add_argument("--lengths", default="4096,16384,32768", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--budgets", default="128,512,2048", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--backends", default="cpu,cuda,triton", type=lambda s: s.split(","))
+    p.add_argument("--repeats", default=5, type=int)
+    p.add_argument("--csv", default=None, help="CSV path (default bench/results/ops_<device>_<date>.csv)")
+    p.add_argument("--quick", action="store_true", help="one small length and budget, for a smoke run")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.lengths, args.budgets, args.repeats = [2048], [128], 3
+    return args
+
+
+def main(argv=None):
+    run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
