@@ -1,0 +1,418 @@
+"""Eviction policies. Each one only decides *scores*; the engine (eviction.py) compacts every layer
+with `select_compact`, and every attention-based score comes from `attention_scores` /
+`lookahead_attention` over queries from `lookahead_qproj` — one scoring path, one compaction path.
+
+A policy scores the prompt keys of one layer at a time, while the prefill passes through that layer
+(see `LayerInputs`), so each layer is evicted before the next one fills its cache. Scores cover
+prompt positions [0, S); positions [S, N) (an observation window) and the first `num_sink` are
+always kept.
+
+Defaults: `num_sink` = 4 leading tokens protected for every policy (StreamingLLM's attention sinks;
+see DEVELOPERS.md for the measurement behind it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import attention_scores
+from .cache import CompactedCache, compact_layer
+from .lookahead import LookaheadModule, ScoreOptions, initial_hidden, lookahead_layer, lookahead_positions
+from .models import LayerParts
+from .tap import LayerInputs, tap_layers
+
+DEFAULT_NUM_SINK = 4
+
+
+@dataclass
+class Run:
+    """One eviction: the model, prompt length N, the rows appended after the prompt, per-layer budgets."""
+
+    model: object
+    parts: list[LayerParts]
+    num_prompt: int
+    num_extra: int
+    budgets: list[int]
+    max_new_tokens: int | None
+
+
+def score_queries(queries: torch.Tensor, keys: torch.Tensor, num_scored: int, parts: LayerParts, options: ScoreOptions):
+    """Scores [B, Hkv, num_scored] of the first keys for `queries`, which are the last rows of `keys`' positions."""
+    return attention_scores(
+        queries, keys, num_scored=num_scored, scale=parts.scaling,
+        gqa_reduce=options.gqa_reduce, pool_kernel=options.pool_kernel, pool_type=options.pool_type,
+    )
+
+
+class Scorer:
+    """Per-run scoring state of a policy."""
+
+    def score(self, inputs: LayerInputs) -> torch.Tensor | None:
+        """Scores [B, Hkv, S] of the prompt keys of `inputs.index`, or None to score it in `finish`."""
+        raise NotImplementedError
+
+    def finish(self, next_logits: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Scores of the layers deferred by `score`, once the whole prefill has run."""
+        return {}
+
+
+class Policy:
+    """Base class: a name, the protected leading tokens, a per-layer budget rule, a scorer."""
+
+    name = "policy"
+
+    def __init__(self, num_sink: int = DEFAULT_NUM_SINK):
+        if isinstance(num_sink, bool) or not isinstance(num_sink, int) or num_sink < 0:
+            raise ValueError(f"num_sink must be an int >= 0, got {num_sink!r}")
+        self.num_sink = num_sink
+
+    def layer_budgets(self, budget: int, num_prompt: int, num_layers: int) -> list[int]:
+        """Per-layer budgets from one (already resolved) budget; uniform unless a policy says otherwise."""
+        return [budget] * num_layers
+
+    def extra_tokens(self, model, input_ids: torch.Tensor, max_new_tokens: int | None) -> torch.Tensor | None:
+        """Token rows [B, E] to prefill after the prompt for scoring (dropped from the cache afterwards)."""
+        return None
+
+    def scorer(self, run: Run) -> Scorer:
+        raise NotImplementedError
+
+    def __repr__(self):
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+# ---- key-only policies ------------------------------------------------------------------------
+
+
+class _KeyScorer(Scorer):
+    def __init__(self, fn):
+        self.fn = fn
+
+    def score(self, inputs):
+        return self.fn(inputs.keys)
+
+
+class StreamingLLM(Policy):
+    """Attention sinks plus the most recent tokens: scores rise with position, so the top are the newest."""
+
+    name = "streamingllm"
+
+    def scorer(self, run):
+        n = run.num_prompt
+
+        def recency(keys):
+            order = torch.arange(n, device=keys.device, dtype=torch.float32)
+            return order.expand(keys.shape[0], keys.shape[1], n)
+
+        return _KeyScorer(recency)
+
+
+class KNorm(Policy):
+    """Keep the keys of smallest L2 norm (kvpress KnormPress: low-norm keys draw the most attention)."""
+
+    name = "knorm"
+
+    def scorer(self, run):
+        n = run.num_prompt
+        return _KeyScorer(lambda keys: -keys[:, :, :n].float().norm(dim=-1))
+
+
+class RandomPolicy(Policy):
+    """Uniformly random scores (seeded): the floor every other policy must beat."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0, num_sink: int = DEFAULT_NUM_SINK):
+        super().__init__(num_sink)
+        self.seed = seed
+
+    def scorer(self, run):
+        generator = torch.Generator().manual_seed(self.seed)
+        n = run.num_prompt
+
+        def uniform(keys):
+            return torch.rand(keys.shape[0], keys.shape[1], n, generator=generator).to(keys.device)
+
+        return _KeyScorer(uniform)
+
+
+# ---- query-window policies: SnapKV, PyramidKV, SpecKV, Oracle ------------------------------------
+
+
+class _WindowScorer(Scorer):
+    """Queries of the last `window` prompt rows plus every appended row; scores of the keys before the window."""
+
+    def __init__(self, run: Run, window: int, options: ScoreOptions):
+        self.run, self.options = run, options
+        self.window = min(window, run.num_prompt - 1)  # at least one scored key
+
+    def score(self, inputs):
+        n = self.run.num_prompt
+        q = inputs.queries(slice(n - self.window, n + self.run.num_extra))
+        return score_queries(q, inputs.keys, n - self.window, inputs.parts, self.options)
+
+
+class SnapKV(Policy):
+    """SnapKV: the last `window` prompt queries vote; window kept. Defaults: the paper's window 32 + max-pool 7.
+
+    `SnapKV.kvpress()` gives kvpress's defaults (window 64, avg-pool 5). GQA: scores averaged over
+    each KV head's query heads, as in kvpress (one cache per KV head).
+    """
+
+    name = "snapkv"
+
+    def __init__(
+        self,
+        window: int = 32,
+        pool_kernel: int = 7,
+        pool_type: str = "max",
+        gqa_reduce: str = "mean",
+        num_sink: int = DEFAULT_NUM_SINK,
+    ):
+        super().__init__(num_sink)
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise ValueError(f"window must be an int >= 0, got {window!r}")
+        self.window = window
+        self.options = ScoreOptions(gqa_reduce, pool_kernel, pool_type)
+
+    @classmethod
+    def kvpress(cls, num_sink: int = DEFAULT_NUM_SINK) -> "SnapKV":
+        return cls(window=64, pool_kernel=5, pool_type="avg", num_sink=num_sink)
+
+    def scorer(self, run):
+        return _WindowScorer(run, self.window, self.options)
+
+
+class PyramidKV(SnapKV):
+    """SnapKV scores with budgets falling linearly over depth (PyramidKV, beta 20), averaging `budget`."""
+
+    name = "pyramidkv"
+
+    def __init__(self, beta: int = 20, **snapkv):
+        super().__init__(**snapkv)
+        if isinstance(beta, bool) or not isinstance(beta, int) or beta < 1:
+            raise ValueError(f"beta must be an int >= 1, got {beta!r}")
+        self.beta = beta
+
+    def layer_budgets(self, budget, num_prompt, num_layers):
+        window = min(self.window, num_prompt - 1)
+        selectable = budget - window
+        if selectable <= 0 or num_layers == 1:
+            return [budget] * num_layers
+        # KVCache-Factory's schedule: min = (C - w) / beta, max = 2 (C - w) - min, linear over depth;
+        # never below the protected sinks, which the original does not have.
+        smallest = selectable // self.beta
+        largest = 2 * selectable - smallest
+        step = (largest - smallest) // (num_layers - 1)
+        return [max(self.num_sink, 1, largest - i * step) + window for i in range(num_layers)]
+
+
+class SpecKV(SnapKV):
+    """SpecKV: a draft model writes `num_draft` tokens; the target scores the prompt with the draft's
+    queries plus the last `window` prompt queries (max over GQA group, max-pool 7).
+
+    `draft_model` is any HF causal LM with the target's vocabulary; None uses the target itself.
+    """
+
+    name = "speckv"
+
+    def __init__(
+        self,
+        draft_model=None,
+        num_draft: int = 32,
+        window: int = 32,
+        pool_kernel: int = 7,
+        pool_type: str = "max",
+        gqa_reduce: str = "max",
+        num_sink: int = DEFAULT_NUM_SINK,
+    ):
+        super().__init__(window, pool_kernel, pool_type, gqa_reduce, num_sink)
+        if isinstance(num_draft, bool) or not isinstance(num_draft, int) or num_draft < 1:
+            raise ValueError(f"num_draft must be an int >= 1, got {num_draft!r}")
+        self.draft_model = draft_model
+        self.num_draft = num_draft
+
+    def extra_tokens(self, model, input_ids, max_new_tokens):
+        drafter = model if self.draft_model is None else self.draft_model
+        if drafter.config.vocab_size != model.config.vocab_size:
+            raise ValueError(
+                f"SpecKV draft model has vocab_size {drafter.config.vocab_size}, the target {model.config.vocab_size}: "
+                "the draft must share the target's tokenizer"
+            )
+        return greedy_continuation(drafter, input_ids, self.num_draft)
+
+
+class Oracle(SnapKV):
+    """Upper bound: the queries of the model's own full-cache greedy answer score all prompt keys.
+
+    The answer has the generation's max_new_tokens (or `max_answer_tokens`, default 512 when the
+    caller does not say).
+    """
+
+    name = "oracle"
+
+    def __init__(self, max_answer_tokens: int | None = None, gqa_reduce: str = "mean", num_sink: int = DEFAULT_NUM_SINK):
+        super().__init__(window=0, pool_kernel=1, pool_type="max", gqa_reduce=gqa_reduce, num_sink=num_sink)
+        self.max_answer_tokens = max_answer_tokens
+
+    def extra_tokens(self, model, input_ids, max_new_tokens):
+        length = self.max_answer_tokens or max_new_tokens or 512
+        return greedy_continuation(model, input_ids, length)
+
+
+def greedy_continuation(model, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """The greedy full-cache continuation [B, <=max_new_tokens] of `input_ids` (stops at EOS)."""
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+    )
+    return out[:, input_ids.shape[1] :]
+
+
+# ---- LookaheadKV ---------------------------------------------------------------------------------
+
+
+class _LookaheadScorer(Scorer):
+    def __init__(self, policy: "LookaheadKV", run: Run):
+        self.policy, self.run = policy, run
+        self.hidden = None
+        self.cos = self.sin = None
+
+    def score(self, inputs):
+        module, n = self.policy.module, self.run.num_prompt
+        if self.hidden is None:
+            self.hidden = initial_hidden(module, inputs.keys.shape[0], inputs.hidden)
+            self.cos, self.sin = lookahead_positions(self.run.model, n, module.config.n_lookahead, self.hidden)
+        self.hidden, scores = lookahead_layer(
+            module, inputs.parts, inputs.index, self.hidden, self.cos, self.sin,
+            inputs.keys[:, :, :n], inputs.values[:, :, :n], n - min(self.policy.recent, n - 1), self.policy.options,
+        )
+        return scores
+
+
+class LookaheadKV(Policy):
+    """LookaheadKV: the learned lookahead rows' attention to the prompt keys is the importance.
+
+    `recent` prompt tokens at the end are always kept (0 by default: the lookahead rows score every
+    key); GQA mean and no pooling by default (the training target is unpooled).
+    """
+
+    name = "lookaheadkv"
+
+    def __init__(
+        self,
+        module: LookaheadModule,
+        gqa_reduce: str = "mean",
+        pool_kernel: int = 1,
+        pool_type: str = "max",
+        recent: int = 0,
+        num_sink: int = DEFAULT_NUM_SINK,
+    ):
+        super().__init__(num_sink)
+        if not isinstance(module, LookaheadModule):
+            raise TypeError(f"LookaheadKV needs a LookaheadModule, got {type(module).__name__}")
+        self.module = module
+        self.options = ScoreOptions(gqa_reduce, pool_kernel, pool_type)
+        self.recent = recent
+
+    def scorer(self, run):
+        if self.module.config.architecture["num_hidden_layers"] != len(run.parts):
+            raise ValueError("the lookahead module was built for a different number of layers")
+        return _LookaheadScorer(self, run)
+
+
+# ---- LAQ -----------------------------------------------------------------------------------------
+
+
+class _LAQScorer(Scorer):
+    def __init__(self, policy: "LAQ", run: Run):
+        self.policy, self.run = policy, run
+        self.snap = _WindowScorer(run, policy.snap_window, policy.snap_options)
+        self.window = min(policy.window, run.num_prompt - 1)
+        self.copy = CompactedCache()
+        self.prompt_queries: dict[int, torch.Tensor] = {}  # last `window` prompt rows, per layer
+        self.pseudo_queries: dict[int, list[torch.Tensor]] = {}  # one [B, Hq, 1, D] per drafted token
+        self.full_keys: dict[int, torch.Tensor] = {}
+
+    def score(self, inputs):
+        n, idx = self.run.num_prompt, inputs.index
+        self.prompt_queries[idx] = inputs.queries(slice(n - self.window, n))
+        self.full_keys[idx] = inputs.keys
+        # The SnapKV-compressed copy the pseudo tokens are drafted on.
+        while len(self.copy.layers) <= idx:
+            self.copy.layers.append(self.copy.layer_class_to_replicate())
+        compact_layer(
+            self.copy.layers[idx], self.snap.score(inputs), inputs.keys, inputs.values,
+            self.run.budgets[idx], self.policy.num_sink, n,
+        )
+        return None  # the full layer stays until the pseudo queries exist
+
+    def finish(self, next_logits):
+        model, n = self.run.model, self.run.num_prompt
+        token = next_logits.argmax(-1, keepdim=True)
+
+        def record(inputs):
+            self.pseudo_queries.setdefault(inputs.index, []).append(inputs.queries(slice(0, 1)))
+
+        with tap_layers(model, record):
+            for _ in range(self.policy.num_pseudo):
+                logits = model(input_ids=token, past_key_values=self.copy, use_cache=True).logits
+                token = logits[:, -1].argmax(-1, keepdim=True)
+
+        scores = {}
+        for idx, parts in enumerate(self.run.parts):
+            keys = self.full_keys.pop(idx)
+            pseudo = self.copy.layers[idx]
+            queries = torch.cat([self.prompt_queries[idx], *self.pseudo_queries[idx]], dim=2)
+            all_keys = torch.cat([keys[:, :, :n], pseudo.keys[:, :, -self.policy.num_pseudo :]], dim=2)
+            scores[idx] = score_queries(queries, all_keys, n - self.window, parts, self.policy.options)
+        return scores
+
+
+class LAQ(Policy):
+    """Lookahead Q-Cache: draft `num_pseudo` greedy tokens on a SnapKV-compressed copy (window
+    `snap_window`, max-pool 7), then score the full prompt with their queries plus the last `window`
+    prompt queries (max over GQA group, max-pool 7); the window is kept. Needs the full cache alive
+    until the draft is done, by construction."""
+
+    name = "laq"
+
+    def __init__(
+        self,
+        num_pseudo: int = 8,
+        window: int = 8,
+        snap_window: int = 32,
+        pool_kernel: int = 7,
+        gqa_reduce: str = "max",
+        num_sink: int = DEFAULT_NUM_SINK,
+    ):
+        super().__init__(num_sink)
+        self.num_pseudo, self.window, self.snap_window = num_pseudo, window, snap_window
+        self.options = ScoreOptions(gqa_reduce, pool_kernel, "max")
+        self.snap_options = ScoreOptions("mean", pool_kernel, "max")
+
+    def scorer(self, run):
+        return _LAQScorer(self, run)
+
+
+POLICIES = {
+    cls.name: cls for cls in (SnapKV, PyramidKV, StreamingLLM, KNorm, RandomPolicy, LAQ, SpecKV, Oracle, LookaheadKV)
+}
+
+
+def make_policy(policy, **kwargs) -> Policy:
+    """A Policy instance from an instance or a name ("snapkv", "snapkv-kvpress", "pyramidkv", ...)."""
+    if isinstance(policy, Policy):
+        if kwargs:
+            raise ValueError(f"policy options {sorted(kwargs)} given with a ready policy instance")
+        return policy
+    if policy == "snapkv-kvpress":
+        return SnapKV.kvpress(**kwargs)
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose one of {sorted(POLICIES) + ['snapkv-kvpress']}")
+    return POLICIES[policy](**kwargs)
