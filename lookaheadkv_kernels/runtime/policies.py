@@ -200,7 +200,7 @@ class PyramidKV(SnapKV):
     def layer_budgets(self, budget, num_prompt, num_layers):
         window = min(self.window, num_prompt - 1)
         selectable = budget - window
-        if selectable <= 0 or num_layers == 1:
+        if budget >= num_prompt or selectable <= 0 or num_layers == 1:  # short prompts are left alone
             return [budget] * num_layers
         # KVCache-Factory's schedule: min = (C - w) / beta, max = 2 (C - w) - min, linear over depth;
         # never below the protected sinks, which the original does not have.

@@ -1,0 +1,413 @@
+"""Runtime tests on random tiny models of every supported family (Llama, Mistral, Qwen2, Qwen3),
+with the model's SDPA and eager attention. The real SmolLM2 is in test_runtime_smollm2.py."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+from lookaheadkv_kernels.runtime import (  # noqa: E402
+    LAQ,
+    POLICIES,
+    CompactedCache,
+    KNorm,
+    LookaheadKV,
+    LookaheadModule,
+    Oracle,
+    PyramidKV,
+    RandomPolicy,
+    SnapKV,
+    SpecKV,
+    StreamingLLM,
+    UnsupportedModelError,
+    generate,
+    lookahead_stream,
+    prefill_and_evict,
+    ragged_masks,
+    resolve_budget,
+)
+from lookaheadkv_kernels.runtime.lookahead import target_linear  # noqa: E402
+from lookaheadkv_kernels.runtime.models import layer_parts  # noqa: E402
+from lookaheadkv_kernels.runtime.policies import Run  # noqa: E402
+from lookaheadkv_kernels.runtime.tap import tap_layers  # noqa: E402
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+VOCAB = 96
+PROMPT = 40
+
+
+def tiny_model(family, attn="sdpa", seed=0, **overrides):
+    common = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, attn_implementation=attn,
+    )
+    common.update(overrides)
+    config = {
+        "llama": lambda: transformers.LlamaConfig(**common),
+        "mistral": lambda: transformers.MistralConfig(sliding_window=None, **common),
+        "qwen2": lambda: transformers.Qwen2Config(**common),
+        "qwen3": lambda: transformers.Qwen3Config(head_dim=16, **common),
+    }[family]()
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # make biases and norm weights matter
+        for name, p in model.named_parameters():
+            if "bias" in name or "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def prompt_ids(length=PROMPT, seed=1):
+    return torch.randint(3, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def trained_looking(model, seed=3, **kwargs):
+    """A module whose LoRA B is non-zero, as after training."""
+    module = LookaheadModule(model, seed=seed, **kwargs)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("_b"):
+                p.copy_(0.05 * torch.randn(p.shape, generator=generator))
+    return module
+
+
+def full_generate(model, ids, max_new_tokens):
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, ids.shape[1] :].tolist()
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+# ---- the lookahead stream ----------------------------------------------------------------------
+
+
+def prompt_cache(model, ids):
+    cache = transformers.DynamicCache()
+    with torch.no_grad():
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    return logits, [(layer.keys, layer.values) for layer in cache.layers]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_lookahead_rows_leave_prompt_logits_and_kv_unchanged(family, attn):
+    model = tiny_model(family, attn)
+    ids = prompt_ids()
+    logits, kv = prompt_cache(model, ids)
+    eviction = prefill_and_evict(model, ids, LookaheadKV(trained_looking(model)), budget=12)
+    assert torch.equal(eviction.next_logits, logits[:, -1])
+    for (keys, values), layer, kept in zip(kv, eviction.cache.layers, eviction.kept):
+        index = kept[..., None].expand(-1, -1, -1, keys.shape[-1])
+        assert torch.equal(layer.keys, keys.gather(2, index))
+        assert torch.equal(layer.values, values.gather(2, index))
+
+
+def test_lookahead_stream_equals_joint_forward_with_row_masked_lora(family):
+    """Reference: HF's own eager forward over [prompt; lookahead embeddings], LoRA added to the
+    lookahead rows only through hooks on the linear layers, causal mask, attention probabilities
+    from output_attentions."""
+    model = tiny_model(family, "eager")
+    module = trained_looking(model, n_lookahead=6)
+    ids = prompt_ids()
+    n, N = module.config.n_lookahead, ids.shape[1]
+    scale = module.config.lora_scale
+
+    def row_masked_lora(a, b):
+        def hook(linear, args, out):
+            x = args[0]
+            delta = scale * F.linear(F.linear(x[:, N:], a), b)
+            return torch.cat([out[:, :N], out[:, N:] + delta], dim=1)
+
+        return hook
+
+    handles = [
+        target_linear(p, t).register_forward_hook(row_masked_lora(*module.lora_pair(i, t)))
+        for i, p in enumerate(layer_parts(model))
+        for t in module.config.targets
+    ]
+    try:
+        with torch.no_grad():
+            embeds = torch.cat([model.get_input_embeddings()(ids), module.embeddings[None]], dim=1)
+            joint = model.model(inputs_embeds=embeds, output_attentions=True)
+    finally:
+        for h in handles:
+            h.remove()
+
+    _, kv = prompt_cache(model, ids)
+    with torch.no_grad():
+        hidden, scores = lookahead_stream(model, module, kv)
+    torch.testing.assert_close(model.model.norm(hidden), joint.last_hidden_state[:, N:], rtol=1e-4, atol=1e-4)
+    groups = model.config.num_attention_heads // model.config.num_key_value_heads
+    for layer_scores, probs in zip(scores, joint.attentions):
+        expected = probs[:, :, N:, :N].mean(dim=2)  # [B, Hq, N]: mean over the lookahead queries
+        expected = expected.view(1, -1, groups, N).mean(dim=2)  # GQA mean
+        torch.testing.assert_close(layer_scores, expected, rtol=1e-4, atol=1e-6)
+    assert len(scores) == model.config.num_hidden_layers and n == 6
+
+
+def test_lookahead_stream_is_differentiable_in_the_module_only():
+    model = tiny_model("qwen3").requires_grad_(False)  # the base model is frozen in training
+    module = trained_looking(model, n_lookahead=4)
+    _, kv = prompt_cache(model, prompt_ids(16))
+    _, scores = lookahead_stream(model, module, kv)
+    loss = sum(s.sum() * (i + 1) for i, s in enumerate(scores))
+    loss.backward()
+    assert module.embeddings.grad is not None and module.embeddings.grad.abs().sum() > 0
+    for layer in module.lora[:-1]:  # the last layer's MLP does not reach any score
+        assert all(p.grad.abs().sum() > 0 for p in layer.values())
+    assert all(p.grad is None for p in model.parameters())
+
+
+# ---- exactness of the eviction flow ---------------------------------------------------------------
+
+
+def all_policies(model):
+    return [
+        SnapKV(), SnapKV.kvpress(), PyramidKV(), StreamingLLM(), KNorm(), RandomPolicy(), LAQ(),
+        SpecKV(num_draft=4), SpecKV(draft_model=tiny_model("llama", seed=5), num_draft=4), Oracle(),
+        LookaheadKV(trained_looking(model)),
+    ]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_budget_at_least_prompt_generates_full_cache_tokens(family, attn):
+    model = tiny_model(family, attn)
+    ids = prompt_ids()
+    expected = full_generate(model, ids, 8)
+    for policy in all_policies(model):
+        for budget in (PROMPT, 1.0, 10 * PROMPT):
+            result = generate(model, None, ids, policy=policy, budget=budget, max_new_tokens=8)
+            assert result.token_ids == expected, (policy, budget)
+            assert result.eviction.kept == [PROMPT] * 3
+
+
+def test_every_policy_evicts_each_layer_to_its_budget(family):
+    model = tiny_model(family)
+    ids = prompt_ids(80)  # room for SnapKV.kvpress()'s window of 64
+    for policy in all_policies(model):
+        eviction = prefill_and_evict(model, ids, policy, budget=72, max_new_tokens=4)
+        cache = eviction.cache
+        assert cache.get_seq_length() == 80, policy
+        if isinstance(policy, PyramidKV):
+            # window 32 + (40 selectable: 78, 40, 2 over depth; the last floored at the 4 sinks)
+            assert eviction.stats.budgets == [110, 72, 36]
+        assert cache.stored_lengths() == [min(b, 80) for b in eviction.stats.budgets], policy
+        for layer, kept in zip(cache.layers, eviction.kept):
+            assert kept.shape == layer.keys.shape[:3]
+            assert torch.all(kept[..., 1:] > kept[..., :-1])  # original order kept
+            assert torch.equal(kept[..., : policy.num_sink], torch.arange(policy.num_sink).expand(1, 2, -1))
+        tokens = generate(model, None, ids, policy=policy, budget=72, max_new_tokens=4).token_ids
+        assert len(tokens) == 4
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_decoding_after_eviction_uses_true_positions(family, attn):
+    """StreamingLLM keeps the same positions in every head and layer, so decoding on its compacted
+    cache must equal a full forward whose mask hides the evicted positions from the new tokens —
+    which holds only if the new tokens sit at positions N, N+1, ..."""
+    model = tiny_model(family, attn)
+    ids = prompt_ids()
+    budget, sinks = 20, 4
+    eviction = prefill_and_evict(model, ids, StreamingLLM(num_sink=sinks), budget)
+    cache = eviction.cache
+    tokens = [int(eviction.next_logits.argmax())]
+    decoded = []
+    with torch.no_grad():
+        for _ in range(4):
+            logits = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True).logits[:, -1]
+            decoded.append(logits)
+            tokens.append(int(logits.argmax()))
+    assert cache.get_seq_length() == PROMPT + 4 and cache.stored_lengths() == [budget + 4] * 3
+
+    full = torch.cat([ids, torch.tensor([tokens[:4]])], dim=1)
+    total = full.shape[1]
+    visible = torch.ones(total, total).tril().bool()
+    visible[PROMPT:, sinks : PROMPT - (budget - sinks)] = False
+    mask = torch.zeros(1, 1, total, total).masked_fill(~visible, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        reference = model(input_ids=full, attention_mask=mask).logits[0, PROMPT:]
+    torch.testing.assert_close(torch.cat(decoded), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_ragged_layer_budgets_decode_identically_with_eager_and_sdpa(family):
+    ids = prompt_ids()
+    logits = {}
+    for attn in ("sdpa", "eager"):
+        model = tiny_model(family, attn)
+        eviction = prefill_and_evict(model, ids, SnapKV(window=8), budget=[30, 16, 24])
+        assert eviction.cache.is_ragged()
+        token = eviction.next_logits.argmax(-1, keepdim=True)
+        with torch.no_grad(), ragged_masks(model):
+            # two tokens at once, so that even SDPA materialises a mask
+            step = torch.cat([token, token], dim=1)
+            logits[attn] = model(input_ids=step, past_key_values=eviction.cache, use_cache=True).logits
+    torch.testing.assert_close(logits["sdpa"], logits["eager"], rtol=1e-4, atol=1e-4)
+
+
+# ---- scores against independent computations ---------------------------------------------------------
+
+
+def collect_scores(model, ids, policy):
+    parts = layer_parts(model)
+    run = Run(model, parts, ids.shape[1], 0, [1] * len(parts), None)
+    scorer, scores = policy.scorer(run), []
+    with torch.no_grad(), tap_layers(model, lambda inputs: scores.append(scorer.score(inputs))):
+        model(input_ids=ids, past_key_values=CompactedCache(), use_cache=True)
+    return scores
+
+
+@pytest.mark.parametrize("snapkv", [SnapKV(), SnapKV.kvpress(), SnapKV(window=16, gqa_reduce="max", pool_kernel=1)])
+def test_snapkv_scores_equal_eager_attention(family, snapkv):
+    model = tiny_model(family, "eager")
+    ids = prompt_ids(80)
+    N, w = ids.shape[1], snapkv.window
+    with torch.no_grad():
+        attentions = model(input_ids=ids, output_attentions=True).attentions
+    groups = model.config.num_attention_heads // model.config.num_key_value_heads
+    for scores, probs in zip(collect_scores(model, ids, snapkv), attentions):
+        raw = probs[:, :, N - w :, : N - w].mean(dim=2).view(1, -1, groups, N - w)
+        raw = raw.mean(dim=2) if snapkv.options.gqa_reduce == "mean" else raw.amax(dim=2)
+        k = snapkv.options.pool_kernel
+        if snapkv.options.pool_type == "max":
+            expected = F.max_pool1d(raw, k, stride=1, padding=k // 2)
+        else:
+            expected = F.avg_pool1d(raw, k, stride=1, padding=k // 2, count_include_pad=True)
+        torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_key_only_policy_scores():
+    model = tiny_model("llama")
+    ids = prompt_ids()
+    _, kv = prompt_cache(model, ids)
+    for scores, (keys, _) in zip(collect_scores(model, ids, KNorm()), kv):
+        torch.testing.assert_close(scores, -keys.norm(dim=-1))
+    for scores in collect_scores(model, ids, StreamingLLM()):
+        assert torch.equal(scores[0, 0], torch.arange(PROMPT, dtype=torch.float32))
+
+
+# ---- memory ----------------------------------------------------------------------------------------------
+
+
+def test_layers_are_evicted_before_the_next_layer_fills():
+    model = tiny_model("llama", num_hidden_layers=4)
+    ids = prompt_ids(64)
+    stats = prefill_and_evict(model, ids, SnapKV(window=8), budget=16).stats
+    per_position = 1 * 2 * 16 * 4 * 2  # batch x kv heads x head dim x fp32 bytes x (K and V)
+    assert stats.full_cache_bytes == per_position * 64 * 4
+    # the worst moment: three layers compacted, the last one still full
+    assert stats.peak_cache_bytes == per_position * (3 * 16 + 64)
+    assert stats.peak_cache_bytes < stats.full_cache_bytes / 2
+
+
+# ---- save / load ----------------------------------------------------------------------------------------
+
+
+def test_trained_module_round_trips_through_save_and_load(tmp_path, family):
+    model = tiny_model(family)
+    module = trained_looking(model, n_lookahead=5, rank=4, alpha=8.0, targets=("q", "v", "down"))
+    module.save(tmp_path / "module")
+    loaded = LookaheadModule.load(tmp_path / "module", model)
+    assert loaded.config == module.config
+    for (name, a), (_, b) in zip(module.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    _, kv = prompt_cache(model, prompt_ids())
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(lookahead_stream(model, module, kv)[1], lookahead_stream(model, loaded, kv)[1]))
+
+
+def test_loading_onto_a_mismatched_model_is_a_clear_error(tmp_path):
+    model = tiny_model("llama")
+    LookaheadModule(model).save(tmp_path)
+    other = tiny_model("llama", hidden_size=32)
+    with pytest.raises(ValueError, match=r"config hash.*hidden_size"):
+        LookaheadModule.load(tmp_path, other)
+    with pytest.raises(ValueError, match="config hash"):
+        LookaheadModule.load(tmp_path, tiny_model("qwen2"))
+    with pytest.raises(FileNotFoundError, match="lookahead module"):
+        LookaheadModule.load(tmp_path / "missing", model)
+
+
+def test_module_defaults_follow_the_paper():
+    model = tiny_model("llama")
+    module = LookaheadModule(model)
+    c = module.config
+    assert (c.n_lookahead, c.rank, c.alpha, c.targets) == (32, 8, 32.0, ("q", "k", "v", "o", "gate", "up", "down"))
+    assert all(torch.count_nonzero(p) == 0 for n, p in module.named_parameters() if n.endswith("_b"))
+    with pytest.raises(ValueError, match="targets"):
+        LookaheadModule(model, targets=("q", "lm_head"))
+    with pytest.raises(ValueError, match="rank"):
+        LookaheadModule(model, rank=0)
+
+
+# ---- errors ----------------------------------------------------------------------------------------------
+
+
+def test_unsupported_models_are_refused():
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2)
+    gpt2 = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        generate(gpt2, None, prompt_ids(), policy="snapkv", budget=8)
+    with pytest.raises(UnsupportedModelError):
+        LookaheadModule(gpt2)
+
+
+def test_sliding_window_overflow_is_refused():
+    model = tiny_model("mistral")
+    model.config.sliding_window = 32
+    with pytest.raises(ValueError, match="sliding-window"):
+        generate(model, None, prompt_ids(), policy="snapkv", budget=8)
+
+
+@pytest.mark.parametrize(
+    "budget, error, match",
+    [
+        (0, ValueError, ">= 1"),
+        (-3, ValueError, ">= 1"),
+        (0.0, ValueError, r"\(0, 1\]"),
+        (1.5, ValueError, r"\(0, 1\]"),
+        (True, TypeError, "budget"),
+        ("64", TypeError, "budget"),
+        ([8, 8], ValueError, "3 entries"),
+        (20, ValueError, "budget=20 is smaller than the 36 always-kept"),  # 4 sinks + SnapKV window 32
+    ],
+)
+def test_bad_budgets_raise_clear_errors(budget, error, match):
+    model = tiny_model("llama")
+    with pytest.raises(error, match=match):
+        generate(model, None, prompt_ids(), policy="snapkv", budget=budget)
+
+
+def test_budget_resolution():
+    assert resolve_budget(16, 100, 2) == 16
+    assert resolve_budget(0.25, 100, 2) == 25
+    assert resolve_budget(0.001, 100, 2) == 1
+    assert resolve_budget([4, 0.5], 100, 2) == [4, 50]
+
+
+def test_policy_names_and_options():
+    assert set(POLICIES) == {"snapkv", "pyramidkv", "streamingllm", "knorm", "random", "laq", "speckv", "oracle", "lookaheadkv"}
+    model = tiny_model("llama")
+    ids = prompt_ids()
+    a = generate(model, None, ids, policy="snapkv", window=8, num_sink=0, budget=12, max_new_tokens=3)
+    b = generate(model, None, ids, policy=SnapKV(window=8, num_sink=0), budget=12, max_new_tokens=3)
+    assert a.token_ids == b.token_ids
+    with pytest.raises(ValueError, match="unknown policy"):
+        generate(model, None, ids, policy="h2o", budget=12)
+    with pytest.raises(ValueError, match="num_sink"):
+        SnapKV(num_sink=-1)
+    with pytest.raises(ValueError, match="vocab_size"):
+        generate(model, None, ids, policy=SpecKV(draft_model=tiny_model("llama", vocab_size=64)), budget=36)
