@@ -7,6 +7,7 @@ import sys
 
 COMMANDS = {
     "bench": ("lookaheadkv_kernels.bench", "benchmark every op backend against the eager PyTorch composite"),
+    "train": ("lookaheadkv_kernels.training.cli", "train a lookahead module: prompts, teacher answers, targets, training"),
 }
 
 

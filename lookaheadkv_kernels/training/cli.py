@@ -1,0 +1,113 @@
+"""`lookaheadkv train`: generate prompts, teacher answers and targets, then train a lookahead module.
+
+Every stage resumes: teacher records already on disk are reused, and training continues from the
+checkpoint in --out (unless --fresh). The trained module lands in OUT/module (load it with
+`LookaheadModule.load`), with OUT/history.json (losses, validations) and OUT/run.json (the command,
+settings, wall times and hardware).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..runtime.models import cache_dir, config_hash, load_model
+from .data import make_samples
+from .teacher import build_records
+from .trainer import TrainConfig, Trainer
+
+
+def parse_args(argv):
+    defaults = TrainConfig()
+    p = argparse.ArgumentParser(prog="lookaheadkv train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2", help="'smollm2' (embedded) or a local HF checkpoint directory")
+    p.add_argument("--out", required=True, help="run directory: checkpoint, final module, history")
+    p.add_argument("--data-dir", help="teacher records (default: the runtime cache dir, keyed by model and recipe)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    data = p.add_argument_group("data")
+    data.add_argument("--train-samples", type=int, default=256)
+    data.add_argument("--val-samples", type=int, default=16, help="held-out prompts for validation during training")
+    data.add_argument("--min-tokens", type=int, default=512, help="shortest document, in tokens")
+    data.add_argument("--max-tokens", type=int, default=1024, help="longest document, in tokens")
+    data.add_argument("--answer-tokens", type=int, default=64, help="longest teacher answer")
+    data.add_argument("--teacher-batch", type=int, default=8, help="prompts answered together by the teacher")
+    data.add_argument("--data-seed", type=int, default=0)
+    train = p.add_argument_group("training")
+    train.add_argument("--steps", type=int, default=defaults.steps)
+    train.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    train.add_argument("--lr", type=float, default=defaults.lr)
+    train.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    train.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    train.add_argument("--clip-norm", type=float, default=defaults.clip_norm)
+    train.add_argument("--seed", type=int, default=defaults.seed, help="module initialisation and record order")
+    train.add_argument("--n-lookahead", type=int, default=defaults.n_lookahead)
+    train.add_argument("--rank", type=int, default=defaults.rank)
+    train.add_argument("--alpha", type=float, default=defaults.alpha)
+    train.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    train.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    train.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
+    return p.parse_args(argv)
+
+
+def default_data_dir(model, args) -> Path:
+    recipe = f"seed{args.data_seed}-tok{args.min_tokens}-{args.max_tokens}-ans{args.answer_tokens}"
+    return cache_dir() / "training" / config_hash(model.config) / recipe
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    started = time.time()
+    model, tokenizer = load_model(args.model, device=args.device)
+
+    def count_tokens(text):
+        return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir(model, args)
+    lengths = dict(min_tokens=args.min_tokens, max_tokens=args.max_tokens, seed=args.data_seed)
+    train_samples = make_samples("train", args.train_samples, count_tokens, **lengths)
+    val_samples = make_samples("heldout", args.val_samples, count_tokens, **lengths)
+    teacher = dict(max_new_tokens=args.answer_tokens, batch_size=args.teacher_batch)
+    val_paths = build_records(model, tokenizer, val_samples, data_dir, **teacher)
+    train_paths = build_records(model, tokenizer, train_samples, data_dir, **teacher)
+    teacher_done = time.time()
+
+    config = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, clip_norm=args.clip_norm, seed=args.seed, n_lookahead=args.n_lookahead,
+        rank=args.rank, alpha=args.alpha, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+    )
+    trainer = Trainer(model, train_paths, val_paths, args.out, config, device=args.device)
+    if not args.fresh and trainer.load_checkpoint():
+        print(f"resuming from {trainer.checkpoint_path} at step {trainer.step}", file=sys.stderr)
+    trainer.run()
+
+    run = {
+        "command": "lookaheadkv train " + shlex.join(argv),
+        "settings": vars(args),
+        "train_config": asdict(config),
+        "data_dir": str(data_dir),
+        "teacher_seconds_this_invocation": round(teacher_done - started, 1),
+        "train_seconds_total": round(trainer.history.seconds, 1),
+        "final_validation": trainer.history.validations[-1] if trainer.history.validations else None,
+        "hardware": {
+            "device": args.device,
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+            "torch": torch.__version__,
+        },
+    }
+    Path(args.out, "run.json").write_text(json.dumps(run, indent=1, default=str))
+    print(f"module written to {Path(args.out, 'module')}")
+    return 0

@@ -1,0 +1,224 @@
+"""Training pipeline on a tiny random Llama: targets, gradients, frozen base, checkpoint/resume, data."""
+
+from __future__ import annotations
+
+import gzip
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from lookaheadkv_kernels.training import (  # noqa: E402
+    TASKS,
+    TrainConfig,
+    Trainer,
+    kl_divergence,
+    load_record,
+    make_samples,
+    normalise,
+    record_loss,
+    teach,
+    topk_recall,
+)
+from lookaheadkv_kernels.training import data as data_module  # noqa: E402
+from lookaheadkv_kernels.training.teacher import write_record  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
+
+from lookaheadkv_kernels.training.targets import answer_importance  # noqa: E402
+
+VOCAB = 96
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0, eos_token_id=1, pad_token_id=1,
+        bos_token_id=0, attn_implementation="eager", initializer_range=0.3,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = 1
+    model.generation_config.pad_token_id = 1
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def random_prompts(lengths, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, VOCAB, (n,), generator=generator) for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def records(model, tmp_path_factory):
+    """Six training records and two validation records of random prompts, on disk."""
+    directory = tmp_path_factory.mktemp("records")
+    prompts = random_prompts([40, 33, 47, 29, 52, 36, 44, 31])
+    paths = []
+    for i, tensors in enumerate(teach(model, prompts, 6)):
+        paths.append(write_record(directory / f"r{i}.safetensors", tensors, key=f"r{i}", task="random"))
+    return paths[:6], paths[6:]
+
+
+def test_target_equals_eager_attention_of_the_answer(model):
+    prompt = random_prompts([30], seed=3)[0]
+    record = teach(model, [prompt], 7)[0]
+    answer = record["answer_ids"]
+    assert answer.numel() >= 1
+    full = torch.cat([prompt, answer])[None]
+    with torch.no_grad():
+        attentions = model(input_ids=full, output_attentions=True).attentions  # eager: [1, Hq, T, T] per layer
+    num_prompt, group = prompt.numel(), model.config.num_attention_heads // model.config.num_key_value_heads
+    for layer, probs in enumerate(attentions):
+        answer_rows = probs[0, :, num_prompt:, :num_prompt].double().mean(dim=1)  # [Hq, P]: mean over answer tokens
+        expected = normalise(answer_rows.view(-1, group, num_prompt).mean(dim=1))  # GQA mean, sum 1 over the prompt
+        torch.testing.assert_close(record["importance"][layer].double(), expected, atol=2e-6, rtol=1e-4)
+
+
+def test_batched_teacher_matches_single_prompts(model):
+    prompts = random_prompts([25, 41, 33], seed=5)
+    batched = teach(model, prompts, 8)
+    for prompt, together in zip(prompts, batched):
+        alone = teach(model, [prompt], 8)[0]
+        assert torch.equal(together["answer_ids"], alone["answer_ids"])
+        assert torch.equal(together["prompt_ids"], prompt)
+        torch.testing.assert_close(together["keys"].float(), alone["keys"].float(), atol=2e-3, rtol=1e-3)
+        torch.testing.assert_close(together["importance"], alone["importance"], atol=1e-5, rtol=1e-4)
+
+
+def test_answer_importance_rows_sum_to_one(model):
+    prompt = random_prompts([20], seed=7)[0][None]
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=prompt, past_key_values=cache, use_cache=True)
+    importance = answer_importance(model, cache, torch.tensor([[5, 6, 7]]))
+    assert len(importance) == model.config.num_hidden_layers
+    for scores in importance:
+        assert scores.shape == (1, model.config.num_key_value_heads, 20)
+        torch.testing.assert_close(scores.sum(-1), torch.ones(1, model.config.num_key_value_heads))
+
+
+def make_trainer(model, records, out_dir, **overrides):
+    settings = dict(steps=4, batch_size=3, lr=5e-3, warmup_steps=1, n_lookahead=4, rank=2, eval_every=2,
+                    checkpoint_every=0, budgets=(8, 16))
+    settings.update(overrides)
+    return Trainer(model, records[0], records[1], out_dir, TrainConfig(**settings), progress=False)
+
+
+def test_one_step_lowers_the_loss_on_a_fixed_batch(model, records, tmp_path):
+    trainer = make_trainer(model, records, tmp_path, steps=1, batch_size=6, lr=1e-3, warmup_steps=0)
+    batch = [load_record(p) for p in records[0]]
+
+    def batch_loss():
+        with torch.no_grad():
+            return sum(float(record_loss(model, trainer.module, r, "cpu")) for r in batch) / len(batch)
+
+    before = batch_loss()
+    reported = trainer.train_step()  # batch_size = all six records: the step's batch is this fixed batch
+    assert reported == pytest.approx(before, rel=1e-5)
+    assert batch_loss() < before
+
+
+def test_only_lookahead_parameters_get_gradients(model, records, tmp_path):
+    trainer = make_trainer(model, records, tmp_path)
+    loss = record_loss(model, trainer.module, load_record(records[0][0]), "cpu")
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+    grads = {name: p.grad for name, p in trainer.module.named_parameters()}
+    # Nothing scored depends on the last layer's lookahead values or anything after its attention.
+    last = model.config.num_hidden_layers - 1
+    unused = {f"lora.{last}.{t}_{ab}" for t in ("v", "o", "gate", "up", "down") for ab in "ab"}
+    assert all(grads[name] is None or not grads[name].any() for name in unused)
+    used = {name: g for name, g in grads.items() if name not in unused}
+    assert all(g is not None for g in used.values())
+    assert used["embeddings"].abs().sum() > 0
+    # LoRA B starts at zero, so the first gradient reaches every B (A's gradient is B-weighted: zero).
+    assert all(g.abs().sum() > 0 for name, g in used.items() if name.endswith("_b"))
+
+
+def test_base_weights_bit_identical_after_training(model, records, tmp_path):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    make_trainer(model, records, tmp_path).run()
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert (tmp_path / "module" / "lookahead.safetensors").is_file()
+    assert (tmp_path / "history.json").is_file()
+
+
+def test_checkpoint_resume_equals_uninterrupted_run(model, records, tmp_path):
+    straight = make_trainer(model, records, tmp_path / "straight")
+    straight.run()
+
+    first = make_trainer(model, records, tmp_path / "resumed")
+    first.run(until=2)  # interrupted after step 2; run() checkpoints where it stops
+    resumed = make_trainer(model, records, tmp_path / "resumed")
+    assert resumed.load_checkpoint() and resumed.step == 2
+    resumed.run()
+
+    for (name, a), (_, b) in zip(straight.module.state_dict().items(), resumed.module.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert straight.history.losses == resumed.history.losses
+    assert [v for v in straight.history.validations] == [v for v in resumed.history.validations]
+    sa, sb = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+
+
+def test_resume_refuses_other_settings(model, records, tmp_path):
+    make_trainer(model, records, tmp_path).run(until=1)
+    other = make_trainer(model, records, tmp_path, lr=1e-3)
+    with pytest.raises(ValueError, match="lr"):
+        other.load_checkpoint()
+
+
+def test_validation_reports_kl_and_recall(model, records, tmp_path):
+    metrics = make_trainer(model, records, tmp_path).validate()
+    assert metrics["step"] == 0 and metrics["kl"] >= 0
+    assert 0 <= metrics["recall@8"] <= 1 and 0 <= metrics["recall@16"] <= 1
+
+
+def test_kl_and_recall_measures():
+    target = torch.tensor([[0.5, 0.5, 0.0, 0.0]])
+    assert float(kl_divergence(target, target)) == pytest.approx(0.0)
+    assert float(kl_divergence(target, torch.full((1, 4), 0.25))) == pytest.approx(torch.log(torch.tensor(2.0)).item())
+    assert float(topk_recall(torch.tensor([[0.0, 0.9, 0.1, 0.0]]), target, 2)) == 0.5
+    assert float(topk_recall(torch.tensor([[0.3, 0.3, 0.2, 0.2]]), target, 2)) == 1.0
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+
+def words(text):
+    return len(text.split())
+
+
+def test_samples_are_deterministic_and_cover_every_task():
+    a = make_samples("train", 14, words, min_tokens=60, max_tokens=120, seed=1)
+    b = make_samples("train", 14, words, min_tokens=60, max_tokens=120, seed=1)
+    assert a == b
+    assert {s.task for s in a} == set(TASKS)
+    for s in a:
+        assert words(s.prompt) >= 60 * 0.8
+
+
+def test_splits_share_no_passages_and_differ():
+    train = set(data_module.verses("train"))
+    heldout = set(data_module.verses("heldout"))
+    assert train and heldout and not train & heldout
+    a = make_samples("train", 7, words, min_tokens=50, max_tokens=80)
+    b = make_samples("heldout", 7, words, min_tokens=50, max_tokens=80)
+    assert all(x.prompt != y.prompt for x, y in zip(a, b))
+    passage_tasks = [s for s in b if s.task.startswith("passage")]
+    body_lines = {line for s in passage_tasks for line in s.prompt.splitlines()}
+    assert not body_lines & train
+
+
+def test_training_text_is_not_the_evaluation_text():
+    assert data_module.TRAIN_TEXT.name == "kjv_train.txt.gz"
+    with gzip.open(data_module.TRAIN_TEXT, "rt") as f:
+        assert f.readline().startswith("In the beginning God created")
