@@ -56,8 +56,8 @@ def max_propagate_nan(a, b):
 
 
 @triton.jit
-def dot_acc(a, b, acc, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr = None):
+def dot_acc(a, b, acc, UPCAST: tl.constexpr):
     """acc + a @ b with a float32 accumulator (see dot_upcast for UPCAST)."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=INPUT_PRECISION)
-    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)

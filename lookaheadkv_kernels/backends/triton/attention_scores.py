@@ -40,18 +40,19 @@ ROWS_PER_BLOCK = 128  # query rows of one program: 128 × D fp32 P·V accumulato
 MIN_DOT_ROWS = 16  # tl.dot needs at least 16 rows
 BLOCK_D_MIN = 16  # and a reduction dim of at least 16
 SPLIT_ALIGN = 16 if INTERPRETING else 128  # key splits start on a multiple of every BLOCK_N used
-MIN_SPLIT_KEYS = 4 * SPLIT_ALIGN  # below this a split's fixed cost (stats combine) dominates
+MIN_SPLIT_KEYS = 4 * SPLIT_ALIGN  # a split reloads its Q rows and adds a partial to every row's combine
 POOL_BLOCK = 64 if INTERPRETING else 512
 SUM_BLOCK = 64 if INTERPRETING else 1024
 
 _STATS_CONFIGS = [
     triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n in (64, 128) for w in (4, 8) for s in (2, 3)
 ]
-# Pass 2 keeps BLOCK_N small enough for the P·V accumulator of the WITH_OUT variant: both variants
-# share the config tuned by whichever runs first (WITH_OUT is not in the key), so that scores are
-# bit-identical with and without the output.
+# Pass 2 runs 8 warps: with 4, the 128 × D float32 P·V accumulator of the WITH_OUT variant spills
+# at D = 128 (ptxas, sm_90: python_tests/triton_sm90_compile.py). Both variants share the config
+# tuned by whichever runs first (WITH_OUT is not in the key), so that their scores are
+# bit-identical.
 _PROB_CONFIGS = [
-    triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n in (32, 64) for w in (4, 8) for s in (2, 3)
+    triton.Config({"BLOCK_N": n}, num_warps=8, num_stages=s) for n in (32, 64) for s in (2, 3)
 ]
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)
 _KEY = ["HEAD_DIM", "BLOCK_H", "BLOCK_TQ"]
@@ -112,14 +113,14 @@ def _softmax_stats_kernel(
     m = tl.full((BLOCK_H * BLOCK_TQ,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_H * BLOCK_TQ,), tl.float32)
     for start in range(key_lo, key_hi, BLOCK_N):
-        s = _logits(q, k_base, start + tl.arange(0, BLOCK_N), key_hi, query_pos, stride_kn, qk_scale,
-                    HEAD_DIM, BLOCK_D, UPCAST)
-        m_new = tl.maximum(m, tl.max(s, axis=1))
+        logits = _logits(q, k_base, start + tl.arange(0, BLOCK_N), key_hi, query_pos, stride_kn, qk_scale,
+                         HEAD_DIM, BLOCK_D, UPCAST)
+        m_new = tl.maximum(m, tl.max(logits, axis=1))
         # A row with no visible key yet keeps m = -inf; subtracting 0 instead avoids -inf - -inf.
         base = tl.where(m_new == float("-inf"), 0.0, m_new)
         # A NaN logit makes l NaN (exp2(NaN) is NaN whatever the max did with it): the row's
         # probabilities all become NaN, as in torch.softmax.
-        l = l * tl.exp2(m - base) + tl.sum(tl.exp2(s - base[:, None]), axis=1)
+        l = l * tl.exp2(m - base) + tl.sum(tl.exp2(logits - base[:, None]), axis=1)
         m = m_new
     stat = (bg * num_splits + split) * (G * Tq) + head * Tq + query
     tl.store(m_ptr + stat, m, mask=valid)
@@ -152,13 +153,13 @@ def _probabilities_kernel(
     # Softmax statistics of each row over all keys, from the splits' partial ones (fixed order).
     stat = bg * num_splits * (G * Tq) + head * Tq + query
     m = tl.full((BLOCK_H * BLOCK_TQ,), float("-inf"), tl.float32)
-    for s in range(num_splits):
-        m = tl.maximum(m, tl.load(m_ptr + stat + s * (G * Tq), mask=valid, other=0.0))
+    for part in range(num_splits):
+        m = tl.maximum(m, tl.load(m_ptr + stat + part * (G * Tq), mask=valid, other=0.0))
     base = tl.where(m == float("-inf"), 0.0, m)
     l = tl.zeros((BLOCK_H * BLOCK_TQ,), tl.float32)
-    for s in range(num_splits):
-        l += tl.load(l_ptr + stat + s * (G * Tq), mask=valid, other=1.0) * tl.exp2(
-            tl.load(m_ptr + stat + s * (G * Tq), mask=valid, other=0.0) - base)
+    for part in range(num_splits):
+        l += tl.load(l_ptr + stat + part * (G * Tq), mask=valid, other=1.0) * tl.exp2(
+            tl.load(m_ptr + stat + part * (G * Tq), mask=valid, other=0.0) - base)
     inv_l = 1.0 / l
     inv_tq = 1.0 / Tq
 
@@ -171,8 +172,8 @@ def _probabilities_kernel(
     acc = tl.zeros((BLOCK_H * BLOCK_TQ, BLOCK_D), tl.float32)
     for start in range(key_lo, key_hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        s = _logits(q, k_base, keys, key_hi, query_pos, stride_kn, qk_scale, HEAD_DIM, BLOCK_D, UPCAST)
-        p = tl.where(valid[:, None], tl.exp2(s - base[:, None]) * inv_l[:, None], 0.0)
+        logits = _logits(q, k_base, keys, key_hi, query_pos, stride_kn, qk_scale, HEAD_DIM, BLOCK_D, UPCAST)
+        p = tl.where(valid[:, None], tl.exp2(logits - base[:, None]) * inv_l[:, None], 0.0)
         if WITH_OUT:
             v = tl.load(v_base + keys[:, None].to(tl.int64) * stride_vn + d[None, :],
                         mask=(keys < key_hi)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)

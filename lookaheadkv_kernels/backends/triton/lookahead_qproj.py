@@ -24,17 +24,15 @@ from ._common import INTERPRETING, autotune, dot_upcast, dot_acc, next_pow2, tar
 
 MIN_ROWS = 16  # tl.dot needs 16 rows on each side
 MAX_BLOCK_T = 64
-K_ALIGN = 32 if INTERPRETING else 256  # a split-K slice is a multiple of every BLOCK_K used
-MIN_SPLIT_K = 4 * K_ALIGN  # below this a slice's workspace write costs more than its share of W
+K_ALIGN = 32 if INTERPRETING else 128  # a split-K slice is a multiple of every BLOCK_K used
+MIN_SPLIT_K = 4 * K_ALIGN  # keeps a slice's float32 partial sums (T·BLOCK_N) small next to its W bytes (BLOCK_N·MIN_SPLIT_K)
 EPILOGUE_ROWS = 16
-# Products of float32 operands: the W product uses the default (tf32 tensor cores on the GPU, like
-# torch with allow_tf32); the tiny LoRA x·Aᵀ (A is float32 after validation) uses exact float32.
-LORA_PRECISION = "ieee"
 
+# Shared memory per stage is (BLOCK_N + BLOCK_T)·BLOCK_K elements: every 16-bit config fits sm_90's
+# 227 KiB; the autotuner skips the float32 ones that do not.
 _CONFIGS = [
     triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-    for n in (64, 128) for k in (64, 128, 256) for w in (4, 8) for s in (3, 4)
-    if n * k <= 128 * 128 or s == 3
+    for n in (64, 128) for k in (64, 128) for w in (4, 8) for s in (3, 4)
 ]
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)
 
@@ -44,9 +42,11 @@ _INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4,
 def _split_k_matmul_kernel(
     x_ptr, w_ptr, out_ptr, T, N_OUT, K, stride_xt, stride_wn, k_per_split,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
-    """out[split, t, n] = sum over k in this split's slice of x[t, k]·w[n, k] (float32)."""
+    """out[split, t, n] = sum over k in this split's slice of x[t, k]·w[n, k] (float32 accumulation).
+    A float32 w (the LoRA A) takes x converted to float32; float32 products use Triton's default
+    precision (tf32 tensor cores on the GPU)."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
     t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -60,7 +60,7 @@ def _split_k_matmul_kernel(
         k_in = (k0 + kk) < k_hi
         w = tl.load(w_rows[:, None] + (k0 + kk)[None, :], mask=(n < N_OUT)[:, None] & k_in[None, :], other=0.0)
         x = tl.load(x_rows[:, None] + (k0 + kk)[None, :], mask=(t < T)[:, None] & k_in[None, :], other=0.0)
-        acc = dot_acc(w, tl.trans(x.to(w.dtype)), acc, UPCAST, INPUT_PRECISION)
+        acc = dot_acc(w, tl.trans(x.to(w.dtype)), acc, UPCAST)
     out = out_ptr + (split * T + t[None, :]).to(tl.int64) * N_OUT + n[:, None]
     tl.store(out, acc, mask=(n < N_OUT)[:, None] & (t < T)[None, :])
 
@@ -127,7 +127,7 @@ def _split_k(K: int, programs_without_split: int, device: torch.device) -> tuple
     return triton.cdiv(K, k_per_split), k_per_split
 
 
-def _matmul_parts(x, w, split_k, k_per_split, block_t, precision):
+def _matmul_parts(x, w, split_k, k_per_split, block_t):
     """The float32 workspace [split_k, T, rows of w] of x·wᵀ split over the hidden axis."""
     T, K = x.shape
     n_out = w.shape[0]
@@ -135,7 +135,7 @@ def _matmul_parts(x, w, split_k, k_per_split, block_t, precision):
     grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]), split_k, triton.cdiv(T, block_t))  # noqa: E731
     _split_k_matmul_kernel[grid](
         x, w, parts, T, n_out, K, x.stride(0), w.stride(0), k_per_split,
-        BLOCK_T=block_t, UPCAST=dot_upcast(x.dtype), INPUT_PRECISION=precision,
+        BLOCK_T=block_t, UPCAST=dot_upcast(x.dtype),
     )
     return parts
 
@@ -147,9 +147,9 @@ def lookahead_qproj(x, weight, bias, lora_a, lora_b, lora_scale, cos, sin, num_h
     block_t = min(max(next_pow2(T), MIN_ROWS), MAX_BLOCK_T)
     # Column blocks of the widest BLOCK_N: the split count must not depend on the autotuned config.
     split_k, k_per_split = _split_k(K, triton.cdiv(n_out, 128) * triton.cdiv(T, block_t), x.device)
-    qw = _matmul_parts(x, weight, split_k, k_per_split, block_t, None)
+    qw = _matmul_parts(x, weight, split_k, k_per_split, block_t)
     has_lora = lora_a is not None
-    xa = _matmul_parts(x, lora_a, split_k, k_per_split, block_t, LORA_PRECISION) if has_lora else None
+    xa = _matmul_parts(x, lora_a, split_k, k_per_split, block_t) if has_lora else None
 
     out = torch.empty(T, num_heads, D, dtype=x.dtype, device=x.device)
     _epilogue_kernel[(num_heads, triton.cdiv(T, EPILOGUE_ROWS))](

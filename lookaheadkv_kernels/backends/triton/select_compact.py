@@ -28,7 +28,7 @@ from ._common import INTERPRETING
 
 CHUNK = 32 if INTERPRETING else 128  # positions per compaction program
 SELECT_BLOCK = 64 if INTERPRETING else 2048  # keys per step of the radix passes (a multiple of CHUNK)
-BLOCK_D = 32 if INTERPRETING else 128  # head-dim slice per gather step
+BLOCK_D = 32 if INTERPRETING else 64  # head-dim slice per gather step: [CHUNK, BLOCK_D] tiles of K and V
 RADIX_BITS = 8
 
 
@@ -58,7 +58,7 @@ def _radix_select(row_scores, stride_s, lo, hi, k, BLOCK: tl.constexpr, RADIX_BI
     fixed = tl.zeros((), tl.uint32)  # mask of the key bits already decided
     remaining = k
     for p in tl.static_range(32 // RADIX_BITS):
-        shift: tl.constexpr = 32 - RADIX_BITS * (p + 1)
+        shift = 32 - RADIX_BITS * (p + 1)
         hist = tl.zeros((BINS,), tl.int32)
         for start in range(lo, hi, BLOCK):
             key, valid = _load_keys(row_scores, start + tl.arange(0, BLOCK), stride_s, lo, hi)
@@ -178,6 +178,6 @@ def select_compact(scores, k, v, budget, num_sink):
         scores, k, v, threshold, need, above_before, ties_before, kept, k_out, v_out,
         Hkv, N, S, D, M, sink, n_pick, num_chunks,
         *scores.stride(), *k.stride()[:3], *v.stride()[:3],
-        CHUNK=CHUNK, BLOCK_D=BLOCK_D, num_warps=4,
+        CHUNK=CHUNK, BLOCK_D=BLOCK_D, num_warps=8,
     )
     return k_out, v_out, kept
