@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from ..ops.validation import check_int
 from .cache import CompactedCache, CompactedLayer, compact_layer, ragged_masks
 from .models import layer_parts, sliding_window
 from .policies import Run, make_policy
@@ -254,8 +255,7 @@ def generate(
     policy="snapkv", window=64). budget: tokens (int), a ratio of the prompt (float), or one int per
     layer. With a budget >= the prompt length the tokens equal full-cache greedy `generate`'s.
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    check_int("max_new_tokens", max_new_tokens, 1)
     device = next(model.parameters()).device
     input_ids = encode_prompt(tokenizer, prompt, chat, device)
     if input_ids.shape[0] != 1:

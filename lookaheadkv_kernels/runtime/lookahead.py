@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
 from .. import lookahead_attention, lookahead_qproj
+from ..ops.validation import check_int
 from .models import LayerParts, architecture, config_hash, layer_parts, rms_eps
 
 ATTENTION_TARGETS = ("q", "k", "v", "o")
@@ -41,7 +42,7 @@ class LookaheadConfig:
     rank: int = 8
     alpha: float = 32.0
     targets: tuple[str, ...] = ALL_TARGETS
-    format_version: int = field(default=FORMAT_VERSION)
+    format_version: int = FORMAT_VERSION
 
     @property
     def lora_scale(self) -> float:
@@ -71,9 +72,8 @@ class LookaheadModule(nn.Module):
         seed: int = 0,
     ):
         super().__init__()
-        for name, value in (("n_lookahead", n_lookahead), ("rank", rank)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_int("n_lookahead", n_lookahead, 1)
+        check_int("rank", rank, 1)
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
             raise ValueError(f"alpha must be a positive number, got {alpha!r}")
         unknown = set(targets) - set(ALL_TARGETS)
@@ -277,7 +277,8 @@ def lookahead_stream(
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Run the lookahead rows through every layer from a full prompt cache.
 
-    prompt_kv: per layer (keys, values) [B, Hkv, N, D] (e.g. a DynamicCache after prefill).
+    prompt_kv: per layer (keys, values) [B, Hkv, N, D], e.g. [(l.keys, l.values) for l in cache.layers]
+    of a DynamicCache after the prompt's prefill.
     Returns the rows' last hidden states [B, n, hidden] (before the final norm) and the per-layer
     scores [B, Hkv, num_scored] (default: all N prompt keys). Differentiable in the module's
     parameters; the eviction runtime runs the same per-layer step interleaved with the prefill.

@@ -8,7 +8,7 @@ prompt positions [0, S); positions [S, N) (an observation window) and the first 
 always kept.
 
 Defaults: `num_sink` = 4 leading tokens protected for every policy (StreamingLLM's attention sinks;
-see DEVELOPERS.md for the measurement behind it).
+see docs/runtime.md for the measurement behind it).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import attention_scores
+from ..ops.validation import check_int
 from .cache import CompactedCache, compact_layer
 from .lookahead import LookaheadModule, ScoreOptions, initial_hidden, lookahead_layer, lookahead_positions
 from .models import LayerParts
@@ -65,8 +66,7 @@ class Policy:
     appends_rows = False  # True for policies whose extra_tokens prefill draft rows after the prompt
 
     def __init__(self, num_sink: int = DEFAULT_NUM_SINK):
-        if isinstance(num_sink, bool) or not isinstance(num_sink, int) or num_sink < 0:
-            raise ValueError(f"num_sink must be an int >= 0, got {num_sink!r}")
+        check_int("num_sink", num_sink, 0)
         self.num_sink = num_sink
 
     def layer_budgets(self, budget: int, num_prompt: int, num_layers: int) -> list[int]:
@@ -174,8 +174,7 @@ class SnapKV(Policy):
         num_sink: int = DEFAULT_NUM_SINK,
     ):
         super().__init__(num_sink)
-        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-            raise ValueError(f"window must be an int >= 0, got {window!r}")
+        check_int("window", window, 0)
         self.window = window
         self.options = ScoreOptions(gqa_reduce, pool_kernel, pool_type)
 
@@ -194,8 +193,7 @@ class PyramidKV(SnapKV):
 
     def __init__(self, beta: int = 20, **snapkv):
         super().__init__(**snapkv)
-        if isinstance(beta, bool) or not isinstance(beta, int) or beta < 1:
-            raise ValueError(f"beta must be an int >= 1, got {beta!r}")
+        check_int("beta", beta, 1)
         self.beta = beta
 
     def layer_budgets(self, budget, num_prompt, num_layers):
@@ -232,8 +230,7 @@ class SpecKV(SnapKV):
         num_sink: int = DEFAULT_NUM_SINK,
     ):
         super().__init__(window, pool_kernel, pool_type, gqa_reduce, num_sink)
-        if isinstance(num_draft, bool) or not isinstance(num_draft, int) or num_draft < 1:
-            raise ValueError(f"num_draft must be an int >= 1, got {num_draft!r}")
+        check_int("num_draft", num_draft, 1)
         self.draft_model = draft_model
         self.num_draft = num_draft
 
@@ -320,6 +317,7 @@ class LookaheadKV(Policy):
         if not isinstance(module, LookaheadModule):
             raise TypeError(f"LookaheadKV needs a LookaheadModule, got {type(module).__name__}")
         self.module = module
+        check_int("recent", recent, 0)
         self.options = ScoreOptions(gqa_reduce, pool_kernel, pool_type)
         self.recent = recent
 
@@ -395,6 +393,9 @@ class LAQ(Policy):
         num_sink: int = DEFAULT_NUM_SINK,
     ):
         super().__init__(num_sink)
+        check_int("num_pseudo", num_pseudo, 1)
+        check_int("window", window, 0)
+        check_int("snap_window", snap_window, 0)
         self.num_pseudo, self.window, self.snap_window = num_pseudo, window, snap_window
         self.options = ScoreOptions(gqa_reduce, pool_kernel, "max")
         self.snap_options = ScoreOptions("mean", pool_kernel, "max")
