@@ -73,6 +73,26 @@ def test_attention_cases_reach_every_path():
         assert module._key_splits(N, B * Hkv, device)[0] > 1
 
 
+def test_scores_and_output_variants_share_one_autotune_entry(monkeypatch):
+    """On a GPU the config decides the logits' MMA shapes and the summation order, so the scores of
+    attention_scores and lookahead_attention are bit-identical only if both variants of the
+    probability kernel resolve to the same autotune key (Triton's: the key args plus every
+    tensor argument's dtype)."""
+    tuner = attention_modules()._probabilities_kernel
+    keys, run = [], tuner.run
+
+    def recording_run(*args, **kwargs):
+        named = {k: v for k, v in {**dict(zip(tuner.arg_names, args)), **kwargs}.items() if k in tuner.arg_names}
+        keys.append(tuple(named[k] for k in tuner.keys) + tuple(str(v.dtype) for v in named.values() if hasattr(v, "dtype")))
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(tuner, "run", recording_run)
+    q, k = randn(1, 4, 8, 64, dtype=torch.bfloat16, seed=1), randn(1, 2, 40, 64, dtype=torch.bfloat16, seed=2)
+    lk.attention_scores(q, k, backend="triton")
+    lk.lookahead_attention(q, k, k, backend="triton")
+    assert len(keys) == 2 and keys[0] == keys[1]
+
+
 @pytest.mark.parametrize("where", ["query", "key"])
 def test_nan_logits_make_their_rows_nan_like_the_reference(where):
     B, Hq, Hkv, Tq, N, D = 1, 4, 2, 6, 40, 64

@@ -56,7 +56,8 @@ class Launch:
         signature, constexprs, attrs = {}, {}, {}
         for index, param in enumerate(self.fn.params):
             name, value = param.name, values[param.name]
-            if param.is_constexpr or value is None or isinstance(value, bool) or (isinstance(value, int) and value == 1):
+            specialised = value is None or isinstance(value, bool) or (isinstance(value, int) and value == 1)
+            if param.is_constexpr or specialised:
                 signature[name] = "constexpr"
                 constexprs[name] = value
             elif isinstance(value, torch.Tensor):
@@ -74,7 +75,8 @@ class Launch:
 
     def describe(self):
         flags = {p.name: self.bound[p.name] for p in self.fn.params if p.is_constexpr and p.name in self.bound}
-        dtypes = sorted({str(v.dtype).replace("torch.", "") for v in self.bound.values() if isinstance(v, torch.Tensor)})
+        tensors = [v for v in self.bound.values() if isinstance(v, torch.Tensor)]
+        dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors})
         return f"{self.fn.__name__} {flags} {dtypes}"
 
 
@@ -103,8 +105,8 @@ def resource_usage(ptx: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "kernel.ptx"
         src.write_text(ptx)
-        text = subprocess.run([get_ptxas(TARGET.arch).path, "-v", "--gpu-name=sm_90a", str(src), "-o", str(Path(tmp) / "kernel.cubin")],
-                              capture_output=True, text=True).stderr
+        command = [get_ptxas(TARGET.arch).path, "-v", "--gpu-name=sm_90a", str(src), "-o", str(Path(tmp) / "out.cubin")]
+        text = subprocess.run(command, capture_output=True, text=True).stderr
     if "Used" not in text:
         raise RuntimeError(f"ptxas -v failed: {text}")
     numbers = dict(registers=r"Used (\d+) registers", spill_stores=r"(\d+) bytes spill stores",
@@ -114,8 +116,9 @@ def resource_usage(ptx: str) -> dict:
 
 def drive_all(all_shapes: bool):
     """Host calls at the shapes that matter: Llama-3.1-8B (Hq 32, Hkv 8, D 128, hidden 4096), 32
-    lookahead rows, every flag combination; one KV head (several key splits); SmolLM2's (Hq 9, Hkv 3, D 64, hidden 576) too with
-    `all_shapes`; and a group spanning several row blocks. float16 compiles like bfloat16."""
+    lookahead rows, every flag combination; one KV head (several key splits); a group spanning
+    several row blocks; with `all_shapes` also SmolLM2's (Hq 9, Hkv 3, D 64, hidden 576).
+    float16 compiles like bfloat16."""
     g = torch.Generator().manual_seed(0)
     shapes = ((32, 8, 128, 4096), (9, 3, 64, 576)) if all_shapes else ((32, 8, 128, 4096),)
     for dtype in (torch.bfloat16, torch.float32):

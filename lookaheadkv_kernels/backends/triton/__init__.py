@@ -46,7 +46,8 @@ def available(device: torch.device | None = None) -> tuple[bool, str | None]:
 
 
 def lookahead_qproj(x, weight, bias, lora_a, lora_b, lora_scale, cos, sin, num_heads, norm_weight, eps):
-    return _qproj_kernels.lookahead_qproj(x, weight, bias, lora_a, lora_b, lora_scale, cos, sin, num_heads, norm_weight, eps)
+    return _qproj_kernels.lookahead_qproj(
+        x, weight, bias, lora_a, lora_b, lora_scale, cos, sin, num_heads, norm_weight, eps)
 
 
 def attention_scores(q, k, num_scored, scale, gqa_reduce, pool_kernel, pool_type):

@@ -20,8 +20,8 @@ Passes:
      times, which costs far less than recomputing logits of halo keys. When the group spans several
      row blocks (large Tq or G), pass 2 writes per-(query chunk, head) sums instead and this kernel
      also does the GQA reduce.
-  4. _sum_splits_kernel (only with WITH_OUT and several key splits): adds the splits' partial P·V in
-     fixed order and rounds to q's dtype once.
+  4. _sum_splits_kernel (only with WITH_OUT): adds the splits' float32 partial P·V in fixed order
+     and rounds to q's dtype once.
 Everything is sized from shapes and int arguments only: no host synchronisation.
 """
 
@@ -48,9 +48,10 @@ _STATS_CONFIGS = [
     triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n in (64, 128) for w in (4, 8) for s in (2, 3)
 ]
 # Pass 2 runs 8 warps: with 4, the 128 × D float32 P·V accumulator of the WITH_OUT variant spills
-# at D = 128 (ptxas, sm_90: python_tests/triton_sm90_compile.py). Both variants share the config
-# tuned by whichever runs first (WITH_OUT is not in the key), so that their scores are
-# bit-identical.
+# at D = 128 (ptxas, sm_90: python_tests/triton_sm90_compile.py). Scores must be bit-identical with
+# and without the output, and the logits' MMA shapes and the reduction order of the per-head sums
+# depend on the config, so both variants share one autotune entry: WITH_OUT is not in the key, and
+# both pass tensors of the same dtypes (the key includes them), whichever variant runs first tunes.
 _PROB_CONFIGS = [
     triton.Config({"BLOCK_N": n}, num_warps=8, num_stages=s) for n in (32, 64) for s in (2, 3)
 ]
@@ -135,12 +136,12 @@ def _probabilities_kernel(
     Hkv, G, Tq, N, S, q_chunks, num_splits, split_len, key_limit, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_TQ: tl.constexpr,
     BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, GQA_MAX: tl.constexpr, REDUCE_GROUP: tl.constexpr,
-    WITH_OUT: tl.constexpr, OUT_PER_SPLIT: tl.constexpr,
+    WITH_OUT: tl.constexpr,
 ):
     """REDUCE_GROUP: this row block is the whole group; write raw[b, g, j] (the GQA-reduced mean
     probability). Otherwise write, per query chunk and head, the head's probabilities summed over the
     chunk's queries and divided by Tq: sums[b, g, q_chunk, head, j].
-    WITH_OUT: also write P·V of these rows (into a float32 slice per split if OUT_PER_SPLIT)."""
+    WITH_OUT: also write this split's part of P·V for these rows: parts[split, b, hq, query, :]."""
     bg = tl.program_id(0)
     split = tl.program_id(1)
     pid_rows = tl.program_id(2)
@@ -193,14 +194,8 @@ def _probabilities_kernel(
             tl.store(scores_ptr + row[:, None].to(tl.int64) * S + keys[None, :], per_head,
                      mask=(head_of_block < G)[:, None] & scored[None, :])
     if WITH_OUT:
-        out_row = ((b * Hkv + g) * G + head).to(tl.int64) * Tq + query
-        if OUT_PER_SPLIT:
-            out_row += split.to(tl.int64) * tl.num_programs(0) * G * Tq  # parts[split, b, hq, query]
-            tl.store(out_ptr + out_row[:, None] * HEAD_DIM + d[None, :], acc,
-                     mask=valid[:, None] & (d < HEAD_DIM)[None, :])
-        else:
-            tl.store(out_ptr + out_row[:, None] * HEAD_DIM + d[None, :], acc.to(out_ptr.dtype.element_ty),
-                     mask=valid[:, None] & (d < HEAD_DIM)[None, :])
+        out_row = ((split * tl.num_programs(0) + bg) * G + head).to(tl.int64) * Tq + query
+        tl.store(out_ptr + out_row[:, None] * HEAD_DIM + d[None, :], acc, mask=valid[:, None] & (d < HEAD_DIM)[None, :])
 
 
 @triton.jit
@@ -246,9 +241,11 @@ def _reduce_pool_kernel(
 @triton.jit
 def _sum_splits_kernel(parts_ptr, out_ptr, numel, num_splits, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    part = parts_ptr + i
     acc = tl.zeros((BLOCK,), tl.float32)
-    for s in range(num_splits):
-        acc += tl.load(parts_ptr + s * numel + i, mask=i < numel, other=0.0)
+    for _ in range(num_splits):
+        acc += tl.load(part, mask=i < numel, other=0.0)
+        part += numel
     tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=i < numel)
 
 
@@ -297,27 +294,25 @@ def _run(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type):
         B * Hkv * (1 if reduce_group else q_chunks * G) * S, dtype=torch.float32, device=device)
     if with_out:
         out = torch.empty(B, Hq, Tq, D, dtype=q.dtype, device=device)
-        out_target = out if num_splits == 1 else torch.empty(
-            num_splits, B, Hq, Tq, D, dtype=torch.float32, device=device)
+        out_parts = torch.empty(num_splits, B, Hq, Tq, D, dtype=torch.float32, device=device)
         v_arg, v_strides = v, v.stride()[:3]
-    else:
-        out = out_target = None
-        v_arg, v_strides = k, (0, 0, 0)
+    else:  # unused stand-ins of the same dtypes: the variants share one autotune key
+        out = None
+        out_parts, v_arg, v_strides = m, k, (0, 0, 0)
     _probabilities_kernel[grid](
-        q, k, v_arg, m, l, sums, out_target,
+        q, k, v_arg, m, l, sums, out_parts,
         *q.stride()[:3], *k.stride()[:3], *v_strides,
         Hkv, G, Tq, N, S, q_chunks, num_splits, split_len, N if with_out else S, qk_scale, **shapes,
         GQA_MAX=gqa_reduce == "max", REDUCE_GROUP=reduce_group, WITH_OUT=with_out,
-        OUT_PER_SPLIT=with_out and num_splits > 1,
     )
     if not direct:
         _reduce_pool_kernel[(B * Hkv, triton.cdiv(S, POOL_BLOCK))](
             sums, scores, S, 1 if reduce_group else G, 1 if reduce_group else q_chunks,
             POOL=pool_kernel, POOL_MAX=pool_type == "max", GQA_MAX=gqa_reduce == "max", BLOCK_S=POOL_BLOCK,
         )
-    if with_out and num_splits > 1:
+    if with_out:
         _sum_splits_kernel[(triton.cdiv(out.numel(), SUM_BLOCK),)](
-            out_target, out, out.numel(), num_splits, BLOCK=SUM_BLOCK)
+            out_parts, out, out.numel(), num_splits, BLOCK=SUM_BLOCK)
     return out, scores
 
 

@@ -25,7 +25,9 @@ from ._common import INTERPRETING, autotune, dot_upcast, dot_acc, next_pow2, tar
 MIN_ROWS = 16  # tl.dot needs 16 rows on each side
 MAX_BLOCK_T = 64
 K_ALIGN = 32 if INTERPRETING else 128  # a split-K slice is a multiple of every BLOCK_K used
-MIN_SPLIT_K = 4 * K_ALIGN  # keeps a slice's float32 partial sums (T·BLOCK_N) small next to its W bytes (BLOCK_N·MIN_SPLIT_K)
+# A slice of at least MIN_SPLIT_K keeps its float32 partial sums (T·BLOCK_N) small next to the W it
+# reads (BLOCK_N·MIN_SPLIT_K).
+MIN_SPLIT_K = 4 * K_ALIGN
 EPILOGUE_ROWS = 16
 
 # Shared memory per stage is (BLOCK_N + BLOCK_T)·BLOCK_K elements: every 16-bit config fits sm_90's
