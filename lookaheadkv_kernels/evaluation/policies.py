@@ -1,0 +1,74 @@
+"""The policies the evaluation compares, by name: the runtime's policies, the full cache, kvpress peers.
+
+"full" keeps the whole cache. "lookaheadkv" uses a trained lookahead module: the one shipped for the
+model under `lookaheadkv_kernels/data/modules/`, or a directory given with `--module`. Names starting
+with "kvpress-" are kvpress 0.5.x presses run on the same captured prefill (see `kvpress_peers`).
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+from ..runtime.lookahead import CONFIG_FILE, LookaheadModule
+from ..runtime.models import config_hash
+from ..runtime.policies import LookaheadKV, make_policy
+from .kvpress_peers import PRESSES
+
+FULL = "full"
+RUNTIME_POLICIES = ("lookaheadkv", "snapkv", "pyramidkv", "streamingllm", "knorm", "random", "laq", "speckv", "oracle")
+PEER_POLICIES = tuple(PRESSES)
+ALL_POLICIES = (FULL,) + RUNTIME_POLICIES + PEER_POLICIES
+
+
+def shipped_modules_dir() -> Path:
+    return Path(str(resources.files("lookaheadkv_kernels").joinpath("data", "modules")))
+
+
+def find_module_dir(model) -> Path:
+    """The shipped lookahead module trained for `model` (matched by architecture hash)."""
+    wanted = config_hash(model.config)
+    root = shipped_modules_dir()
+    for config in sorted(root.glob(f"*/{CONFIG_FILE}")) if root.is_dir() else ():
+        if json.loads(config.read_text()).get("config_hash") == wanted:
+            return config.parent
+    raise FileNotFoundError(
+        f"no lookahead module for this model (config hash {wanted}) is shipped under {root}; "
+        "train one (lookaheadkv train) and pass its directory with --module"
+    )
+
+
+def load_lookahead(model, module_dir: str | Path | None = None) -> tuple[LookaheadModule, Path]:
+    directory = Path(module_dir) if module_dir else find_module_dir(model)
+    return LookaheadModule.load(directory, model).eval(), directory
+
+
+def parse_policies(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in ALL_POLICIES]
+    if unknown or not names:
+        raise ValueError(f"unknown policies {unknown}; choose from {', '.join(ALL_POLICIES)}")
+    return names
+
+
+def build_policy(name: str, module: LookaheadModule | None):
+    """A runtime Policy for `name` (not for "full" or kvpress peers)."""
+    if name == "lookaheadkv":
+        if module is None:
+            raise ValueError("the lookaheadkv policy needs a lookahead module")
+        return LookaheadKV(module)
+    return make_policy(name)
+
+
+def parse_budgets(text: str) -> list[int | float]:
+    """Budgets from "64,128,0.1": ints are token counts, decimals ratios of the prompt."""
+    budgets = []
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        value = float(item) if any(c in item for c in ".eE") else int(item)
+        if (isinstance(value, int) and value < 1) or (isinstance(value, float) and not 0 < value <= 1):
+            raise ValueError(f"budget {item!r}: an int >= 1 (tokens) or a ratio in (0, 1]")
+        budgets.append(value)
+    if not budgets:
+        raise ValueError("no budgets given")
+    return budgets
