@@ -7,7 +7,8 @@
 // whole heads when a head has <= kWarps tiles, else one segment of one head.
 // Keys: the key axis is split into chunks, one block per (chunk, row block, batch x KV head), about
 // two blocks per multiprocessor; K/V tiles stream through shared memory with cp.async (double
-// buffered; an element-wise fallback serves rows that are not 16-byte aligned).
+// buffered; an element-wise fallback serves rows that are not 16-byte aligned). Each warp loads
+// its own query rows the same way.
 // Two passes, fp32 accumulation:
 //   1. stats: per query row and chunk the max and sum of 2^(logit·log2e) over its visible keys
 //      (online over the chunk's tiles) -> workspace.
@@ -34,15 +35,6 @@ namespace {
 
 enum Mode : int { kStats = 0, kScores = 1, kScoresOut = 2 };
 
-// The output pass at D = 128 fits 128 registers in sm_90 code but spills two in sm_80 code, which
-// then runs one block per multiprocessor. (Launch bounds only shape device code, so the host
-// pass's value does not matter.)
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-constexpr bool kOutFits128 = false;
-#else
-constexpr bool kOutFits128 = true;
-#endif
-
 template <typename T, int D_PAD>
 struct Cfg {
   static constexpr bool kTensorCores = !std::is_same<T, float>::value;
@@ -51,15 +43,16 @@ struct Cfg {
   static constexpr int kWarps = (!kTensorCores && D_PAD == 256) ? 4 : 8;
   static constexpr int kKeyTile =
       kTensorCores ? (D_PAD == 256 ? 32 : 64) : (D_PAD == 64 ? 64 : (D_PAD == 128 ? 32 : 16));
-  static constexpr int kSub = D_PAD == 256 ? 16 : 32;  // keys per compute step: bounds the registers
+  // Keys per compute step: the S/P fragments of a step are live next to the P·V accumulators, so
+  // the output pass steps 16 keys at a time from D = 128 (2 blocks per multiprocessor at <= 128
+  // registers) and every pass at D = 256.
+  static constexpr int sub_keys(int mode) { return (D_PAD == 256 || (D_PAD == 128 && mode == kScoresOut)) ? 16 : 32; }
   static constexpr int kStride = D_PAD + 16 / static_cast<int>(sizeof(T));  // +16 bytes per smem row
   static constexpr int kRows = kWarps * 16;
   static constexpr int kThreads = kWarps * 32;
   // Two blocks per multiprocessor (<= 128 registers) for the tensor-core tiles up to D = 128; the
   // D = 256 and fp32 fragments need more registers than that.
-  static constexpr int min_blocks(int mode) {
-    return (kTensorCores && (D_PAD == 64 || (D_PAD == 128 && (mode != kScoresOut || kOutFits128)))) ? 2 : 1;
-  }
+  static constexpr int kMinBlocks = (kTensorCores && D_PAD <= 128) ? 2 : 1;
 
   static constexpr size_t q_bytes() { return sizeof(T) * kRows * kStride; }
   static constexpr size_t tile_bytes() { return sizeof(T) * kKeyTile * kStride; }
@@ -78,7 +71,7 @@ struct Params {
   int mtiles_per_head, heads_per_block, nseg;
   int chunk_keys, key_end;                   // this pass's key chunks cover [0, key_end)
   int stats_chunks;                          // the stats pass's chunk count (combined by pass 2)
-  bool k_vec, v_vec;                         // rows 16-byte aligned: cp.async
+  bool q_vec, k_vec, v_vec;                  // rows 16-byte aligned: cp.async
   float* ws_stats;                           // [B][Hq][Tq][stats_chunks][2]: (max, sum)
   float* ws_col;                             // [B][Hq][nseg][S]: column sums of P
   float* ws_out;                             // [chunks][B][Hq][Tq][D]: P·V per chunk
@@ -110,7 +103,7 @@ __device__ __forceinline__ WarpRows warp_rows(const Params& p, int rowblock, int
   return r;
 }
 
-// ---- per-warp tile products: S = Q·Kᵀ (16 x kSub) and O += P·V (16 x D_PAD) --------------------
+// ---- per-warp tile products: S = Q·Kᵀ (16 x KS keys) and O += P·V (16 x D_PAD) -----------------
 // Fragments follow mma.sync m16n8k16: s[nt][e] is row g + 8*(e/2), key nt*8 + 2t + e%2 (g = lane/4,
 // t = lane%4); o[dt][e] is row g + 8*(e/2), dim dt*8 + 2t + e%2.
 
@@ -214,32 +207,35 @@ struct TileMath<float, D_PAD> {  // fp32: FMAs producing the same fragment eleme
   }
 };
 
-// One K or V tile [kKeyTile][D] -> shared memory; keys >= N are zero-filled. Columns D..D_PAD
-// stay zero from the kernel's initial clear (never written).
-template <typename T, int D_PAD>
-__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stride, int key0, int N, int D, bool vec) {
+// Rows first..first+ROWS-1 of a [rows][D] matrix (row stride in elements) -> shared memory rows
+// of C::kStride, copied by THREADS threads (tid = this thread's index among them); rows >= limit
+// are zero-filled. 16-byte cp.async when `vec` (rows 16-byte aligned), element-wise otherwise.
+// Columns D..D_PAD stay zero from the kernel's initial clear (never written).
+template <typename T, int D_PAD, int ROWS, int THREADS>
+__device__ __forceinline__ void load_rows(T* dst, const T* src, int64_t row_stride, int first, int limit, int D,
+                                          bool vec, int tid) {
   using C = Cfg<T, D_PAD>;
   if (vec) {
     constexpr int kPer = 16 / sizeof(T);
     const int per_row = D / kPer;
-    for (int c = threadIdx.x; c < C::kKeyTile * per_row; c += C::kThreads) {
-      const int r = c / per_row, col = (c % per_row) * kPer, key = key0 + r;
-      const bool in = key < N;
-      cp_async16(dst + r * C::kStride + col, src + static_cast<int64_t>(in ? key : 0) * row_stride + col, in);
+    for (int c = tid; c < ROWS * per_row; c += THREADS) {
+      const int r = c / per_row, col = (c % per_row) * kPer, row = first + r;
+      const bool in = row < limit;
+      cp_async16(dst + r * C::kStride + col, src + static_cast<int64_t>(in ? row : 0) * row_stride + col, in);
     }
   } else {
-    for (int e = threadIdx.x; e < C::kKeyTile * D; e += C::kThreads) {
-      const int r = e / D, d = e % D, key = key0 + r;
-      dst[r * C::kStride + d] = key < N ? src[static_cast<int64_t>(key) * row_stride + d] : from_float<T>(0.f);
+    for (int e = tid; e < ROWS * D; e += THREADS) {
+      const int r = e / D, d = e % D, row = first + r;
+      dst[r * C::kStride + d] = row < limit ? src[static_cast<int64_t>(row) * row_stride + d] : from_float<T>(0.f);
     }
   }
 }
 
 template <typename T, int D_PAD, int MODE>
-__global__ void __launch_bounds__(Cfg<T, D_PAD>::kThreads, Cfg<T, D_PAD>::min_blocks(MODE)) attention_kernel(const Params p) {
+__global__ void __launch_bounds__(Cfg<T, D_PAD>::kThreads, Cfg<T, D_PAD>::kMinBlocks) attention_kernel(const Params p) {
   using C = Cfg<T, D_PAD>;
   using M = TileMath<T, D_PAD>;
-  constexpr int KT = C::kKeyTile, KS = C::kSub, kStride = C::kStride;
+  constexpr int KT = C::kKeyTile, KS = C::sub_keys(MODE), kStride = C::kStride;
   constexpr bool kOut = MODE == kScoresOut;
 
   unsigned char* smem_raw = dynamic_smem<unsigned char>();
@@ -263,15 +259,10 @@ __global__ void __launch_bounds__(Cfg<T, D_PAD>::kThreads, Cfg<T, D_PAD>::min_bl
   }
   __syncthreads();
 
-  const T* q = static_cast<const T*>(p.q);
-  for (int e = threadIdx.x; e < C::kRows * p.D; e += C::kThreads) {
-    const int row = e / p.D, d = e % p.D;
-    const WarpRows rr = warp_rows<C::kWarps>(p, rowblock, row / 16);
-    const int i = rr.mtile * 16 + row % 16;
-    if (rr.active && i < p.Tq) {
-      const int hq = kvh * p.G + rr.head;
-      sQ[row * kStride + d] = q[b * p.q_sb + hq * p.q_sh + i * p.q_st + d];
-    }
+  // Each warp loads its own 16 query rows (committed with the first K/V tile below).
+  if (wr.active) {
+    const T* qhead = static_cast<const T*>(p.q) + b * p.q_sb + (kvh * p.G + wr.head) * p.q_sh;
+    load_rows<T, D_PAD, 16, 32>(sQ + warp * 16 * kStride, qhead, p.q_st, wr.mtile * 16, p.Tq, p.D, p.q_vec, lane);
   }
   if constexpr (MODE != kStats) {
     // Softmax statistics of this block's rows: all stats chunks combined in chunk order.
@@ -319,16 +310,20 @@ __global__ void __launch_bounds__(Cfg<T, D_PAD>::kThreads, Cfg<T, D_PAD>::min_bl
       for (int e = 0; e < 4; ++e) o[dt][e] = 0.f;
   }
 
-  load_tile<T, D_PAD>(sK, kbase, p.k_sn, chunk_begin, p.N, p.D, p.k_vec);
-  if constexpr (kOut) load_tile<T, D_PAD>(sV, vbase, p.v_sn, chunk_begin, p.N, p.D, p.v_vec);
+  load_rows<T, D_PAD, KT, C::kThreads>(sK, kbase, p.k_sn, chunk_begin, p.N, p.D, p.k_vec, threadIdx.x);
+  if constexpr (kOut) load_rows<T, D_PAD, KT, C::kThreads>(sV, vbase, p.v_sn, chunk_begin, p.N, p.D, p.v_vec, threadIdx.x);
   cp_async_commit();
 
   for (int it = 0; it < ntiles; ++it) {
     const int key0 = chunk_begin + it * KT;
     const int stage = it & 1;
     if (it + 1 < ntiles) {
-      load_tile<T, D_PAD>(sK + (stage ^ 1) * KT * kStride, kbase, p.k_sn, key0 + KT, p.N, p.D, p.k_vec);
-      if constexpr (kOut) load_tile<T, D_PAD>(sV + (stage ^ 1) * KT * kStride, vbase, p.v_sn, key0 + KT, p.N, p.D, p.v_vec);
+      load_rows<T, D_PAD, KT, C::kThreads>(sK + (stage ^ 1) * KT * kStride, kbase, p.k_sn, key0 + KT, p.N, p.D,
+                                           p.k_vec, threadIdx.x);
+      if constexpr (kOut) {
+        load_rows<T, D_PAD, KT, C::kThreads>(sV + (stage ^ 1) * KT * kStride, vbase, p.v_sn, key0 + KT, p.N, p.D,
+                                             p.v_vec, threadIdx.x);
+      }
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -582,6 +577,7 @@ void run(const AttentionArgs& a, char* workspace, int num_sms, Stream stream) {
   p.mtiles_per_head = plan.mtiles_per_head; p.heads_per_block = plan.heads_per_block; p.nseg = plan.nseg;
   p.stats_chunks = plan.stats_chunks;
   const bool dim_vec = (a.D * sizeof(T)) % 16 == 0;
+  p.q_vec = dim_vec && rows_aligned16(a.q, sizeof(T), {{a.B, a.q_sb}, {a.Hq, a.q_sh}, {a.Tq, a.q_st}});
   p.k_vec = dim_vec && rows_aligned16(a.k, sizeof(T), {{a.B, a.k_sb}, {a.Hkv, a.k_sh}, {a.N, a.k_sn}});
   p.v_vec = with_out && dim_vec && rows_aligned16(a.v, sizeof(T), {{a.B, a.v_sb}, {a.Hkv, a.v_sh}, {a.N, a.v_sn}});
   p.ws_stats = reinterpret_cast<float*>(workspace + plan.stats_offset);
