@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 
 import pytest
 import torch
@@ -222,3 +223,56 @@ def test_training_text_is_not_the_evaluation_text():
     assert data_module.TRAIN_TEXT.name == "kjv_train.txt.gz"
     with gzip.open(data_module.TRAIN_TEXT, "rt") as f:
         assert f.readline().startswith("In the beginning God created")
+
+
+# ---- held-out report ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy_name", ["snapkv", "pyramidkv", "streamingllm", "laq", "lookaheadkv"])
+def test_report_replay_keeps_what_the_evicting_prefill_keeps(model, policy_name):
+    from lookaheadkv_kernels.runtime import LookaheadModule, make_policy, prefill_and_evict
+    from lookaheadkv_kernels.training.report import kept_positions, record_prefill
+
+    options = {"module": LookaheadModule(model, n_lookahead=4, rank=2)} if policy_name == "lookaheadkv" else {}
+    policy = make_policy(policy_name, window=8, **options) if policy_name in ("snapkv", "pyramidkv") else make_policy(policy_name, **options)
+    ids = random_prompts([60], seed=11)[0][None]
+    expected = prefill_and_evict(model, ids, policy, 44).kept
+    layers, next_logits = record_prefill(model, ids)
+    replayed = kept_positions(model, layers, next_logits, policy, 44, 60)
+    assert len(replayed) == len(expected)
+    for a, b in zip(replayed, expected):
+        assert torch.equal(a, b)
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+
+def test_train_command_end_to_end(tmp_path, monkeypatch):
+    """`lookaheadkv train` on a tiny random Llama that uses SmolLM2's tokenizer (skipped without it)."""
+    from transformers import AutoTokenizer
+
+    from lookaheadkv_kernels.cli import main
+    from lookaheadkv_kernels.runtime.models import smollm2_checkpoint
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(smollm2_checkpoint(), local_files_only=True)
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    model = tiny_model()
+    model.resize_token_embeddings(len(tokenizer))
+    model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    monkeypatch.setenv("LOOKAHEADKV_CACHE", str(tmp_path / "cache"))
+    args = ["train", "--model", str(tmp_path / "tiny"), "--out", str(tmp_path / "run"), "--device", "cpu",
+            "--train-samples", "3", "--val-samples", "1", "--min-tokens", "40", "--max-tokens", "60",
+            "--answer-tokens", "3", "--teacher-batch", "2", "--steps", "2", "--batch-size", "2",
+            "--n-lookahead", "4", "--rank", "2"]
+    assert main(args) == 0
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["command"].startswith("lookaheadkv train --model")
+    assert len(json.loads((tmp_path / "run" / "history.json").read_text())["losses"]) == 2
+    assert (tmp_path / "run" / "module" / "lookahead_config.json").is_file()
+    records = sorted((tmp_path / "cache" / "training").rglob("*.safetensors"))
+    assert len(records) == 4  # 3 training + 1 held-out, answered once and kept for a resumed run
+    assert main(args) == 0  # everything reused: the checkpoint is at the last step already

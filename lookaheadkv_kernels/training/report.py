@@ -1,0 +1,206 @@
+"""Held-out report of a lookahead module: recall of the oracle's top-budget keys, policy by policy.
+
+For every held-out prompt (1K–4K tokens, the "heldout" split of training/data.py, never the
+evaluation suite's tasks) the oracle is the teacher's true importance (targets.py). Each policy
+keeps, per layer and KV head, the positions the runtime's own scorer and compaction path
+(`Policy.scorer`, `compact_layer` → `select_compact`) would keep at that budget; recall@B is the
+share of the oracle's top-B positions among them, averaged over KV heads, layers and prompts.
+
+One prefill per prompt serves every policy and budget: the layer inputs the runtime's tap hands to
+a scorer during an evicting prefill (hidden states, positions, the layer's full prompt K/V) are
+recorded once, then replayed to each policy's scorer. The replay equals the interleaved eviction
+because a layer's eviction changes only its cache, never the prefill's hidden states.
+
+    python -m lookaheadkv_kernels.training.report --module DIR --out bench/results/training_smollm2.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..runtime.cache import CompactedCache, CompactedLayer, compact_layer
+from ..runtime.eviction import encode_prompt
+from ..runtime.lookahead import LookaheadModule
+from ..runtime.models import cache_dir, config_hash, layer_parts, load_model
+from ..runtime.policies import LAQ, LookaheadKV, PyramidKV, Run, SnapKV, StreamingLLM
+from ..runtime.tap import tap_layers
+from .data import make_samples
+from .targets import kept_recall, kl_divergence, normalise
+from .teacher import build_records, load_record
+
+LENGTHS = (1024, 2048, 3072, 4096)
+BUDGETS = (64, 128, 256, 512)
+
+
+@torch.no_grad()
+def record_prefill(model, input_ids):
+    """(per-layer LayerInputs of a full prefill, next-token logits), as the runtime's tap sees them."""
+    layers = []
+    cache = CompactedCache()
+    with tap_layers(model, layers.append):
+        logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    return layers, logits
+
+
+@torch.no_grad()
+def kept_positions(model, layers, next_logits, policy, budget: int, num_prompt: int) -> list[torch.Tensor]:
+    """Per layer, the kept positions [B, Hkv, M] of `policy` at `budget` (replaying the recorded prefill)."""
+    parts = layer_parts(model)
+    budgets = policy.layer_budgets(budget, num_prompt, len(parts))
+    scorer = policy.scorer(Run(model, parts, num_prompt, 0, budgets, None))
+    scores = {inputs.index: s for inputs in layers if (s := scorer.score(inputs)) is not None}
+    scores.update(scorer.finish(next_logits))
+    return [
+        compact_layer(CompactedLayer(), scores[i], inputs.keys, inputs.values, budgets[i], policy.num_sink, num_prompt)
+        for i, inputs in enumerate(layers)
+    ]
+
+
+@torch.no_grad()
+def lookahead_kl(model, module, layers, importance: torch.Tensor, num_prompt: int) -> float:
+    """Mean over layers and heads of KL(importance ‖ the module's normalised scores of the prompt)."""
+    policy = LookaheadKV(module)
+    parts = layer_parts(model)
+    scorer = policy.scorer(Run(model, parts, num_prompt, 0, [num_prompt] * len(parts), None))
+    predicted = torch.stack([normalise(scorer.score(inputs))[0] for inputs in layers])
+    return float(kl_divergence(importance.to(predicted.device), predicted).mean())
+
+
+def evaluate(model, tokenizer, record_paths, policies: dict, budgets, modules: dict, progress=True):
+    """{policy: {budget: mean recall}}, {module name: mean KL}, per-prompt rows."""
+    device = next(model.parameters()).device
+    rows = []
+    for path in record_paths:
+        record = load_record(path)
+        n = record.num_prompt
+        started = time.perf_counter()
+        layers, next_logits = record_prefill(model, record.prompt_ids[None].to(device))
+        oracle = record.importance.to(device)
+        row = {"key": record.key, "task": record.task, "prompt_tokens": n, "recall": {}, "kl": {}}
+        for name, policy in policies.items():
+            row["recall"][name] = {}
+            for b in budgets:
+                kept = kept_positions(model, layers, next_logits, policy, b, n)
+                row["recall"][name][b] = float(torch.stack([kept_recall(k[0], o, b).mean() for k, o in zip(kept, oracle)]).mean())
+        for name, module in modules.items():
+            row["kl"][name] = lookahead_kl(model, module, layers, oracle, n)
+        row["seconds"] = round(time.perf_counter() - started, 1)
+        rows.append(row)
+        if progress:
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    recall = {name: {b: sum(r["recall"][name][b] for r in rows) / len(rows) for b in budgets} for name in policies}
+    kl = {name: sum(r["kl"][name] for r in rows) / len(rows) for name in modules}
+    return recall, kl, rows
+
+
+def markdown(recall, kl, rows, budgets, settings: dict) -> str:
+    lines = [
+        "# LookaheadKV training report: SmolLM2-135M-Instruct, held-out split",
+        "",
+        f"Held-out prompts: {len(rows)} ({', '.join(f'{k}: {v}' for k, v in _count(rows, 'task').items())}), "
+        f"{min(r['prompt_tokens'] for r in rows)}–{max(r['prompt_tokens'] for r in rows)} tokens "
+        f"(targets {', '.join(str(x) for x in settings['lengths'])}). Oracle: the teacher's true importance "
+        f"(mean attention of its greedy answer, ≤{settings['answer_tokens']} tokens). Recall@B = share of the "
+        "oracle's top-B keys among the keys the policy keeps at budget B (its sinks and windows included), "
+        "mean over KV heads, layers and prompts. All policies protect 4 sink tokens.",
+        "",
+        "| policy | " + " | ".join(f"recall@{b}" for b in budgets) + " |",
+        "|---|" + "---|" * len(budgets),
+    ]
+    for name, values in recall.items():
+        lines.append(f"| {name} | " + " | ".join(f"{values[b]:.3f}" for b in budgets) + " |")
+    lines += ["", "KL(true importance ‖ module's normalised scores), mean over layers, heads and prompts:", ""]
+    lines += [f"- {name}: {value:.4f}" for name, value in kl.items()]
+    lines += ["", "Recall@B by prompt length (LookaheadKV, SnapKV, LAQ):", "",
+              "| length | prompts | " + " | ".join(f"{p} @{b}" for p in ("lookaheadkv", "snapkv", "laq") for b in budgets) + " |",
+              "|---|---|" + "---|" * (3 * len(budgets))]
+    for length in settings["lengths"]:
+        group = [r for r in rows if r["length_target"] == length]
+        if not group:
+            continue
+        cells = [
+            f"{sum(r['recall'][p][b] for r in group) / len(group):.3f}" for p in ("lookaheadkv", "snapkv", "laq") for b in budgets
+        ]
+        lines.append(f"| ~{length} | {len(group)} | " + " | ".join(cells) + " |")
+    lines += ["", "Command and settings:", "", "```", settings["command"], json.dumps(settings, indent=1, default=str), "```", ""]
+    return "\n".join(lines)
+
+
+def _count(rows, field):
+    counts = {}
+    for r in rows:
+        counts[r[field]] = counts.get(r[field], 0) + 1
+    return counts
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(prog="python -m lookaheadkv_kernels.training.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--module", help="trained lookahead module directory (required unless --records-only)")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--out", required=True, help="markdown report path (a .json with every prompt's row is written next to it)")
+    p.add_argument("--per-length", type=int, default=4, help="held-out prompts per target length")
+    p.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
+    p.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
+    p.add_argument("--answer-tokens", type=int, default=48)
+    p.add_argument("--teacher-batch", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0, help="data seed of the held-out prompts")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--records-only", action="store_true", help="only build the held-out teacher records (resumable)")
+    args = p.parse_args(argv)
+    if not (args.module or args.records_only):
+        p.error("--module is required unless --records-only")
+
+    model, tokenizer = load_model(args.model, device=args.device)
+
+    def count_tokens(text):
+        return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+    directory = cache_dir() / "training" / config_hash(model.config) / f"report-seed{args.seed}-ans{args.answer_tokens}"
+    paths, length_of = [], {}
+    for i, length in enumerate(args.lengths):
+        # Indices from 10_000 up: disjoint from the short validation prompts of the same split.
+        samples = make_samples(
+            "heldout", args.per_length, count_tokens, min_tokens=length * 7 // 8, max_tokens=length,
+            seed=args.seed, start=10_000 + 1_000 * i,
+        )
+        found = build_records(model, tokenizer, samples, directory, max_new_tokens=args.answer_tokens,
+                              store_kv=False, batch_size=args.teacher_batch)
+        paths += found
+        length_of.update({load_record(f).key: length for f in found})
+
+    if args.records_only:
+        return 0
+    trained = LookaheadModule.load(args.module, model).to(args.device)
+    untrained = LookaheadModule(model, n_lookahead=trained.config.n_lookahead, rank=trained.config.rank,
+                                alpha=trained.config.alpha, seed=0).to(args.device)
+    policies = {
+        "lookaheadkv": LookaheadKV(trained),
+        "lookaheadkv-untrained": LookaheadKV(untrained),
+        "snapkv": SnapKV(),
+        "pyramidkv": PyramidKV(),
+        "streamingllm": StreamingLLM(),
+        "laq": LAQ(),
+    }
+    modules = {"lookaheadkv (trained)": trained, "lookaheadkv (untrained init)": untrained}
+    recall, kl, rows = evaluate(model, tokenizer, paths, policies, args.budgets, modules)
+    for row in rows:
+        row["length_target"] = length_of[row["key"]]
+    settings = {"command": "python -m lookaheadkv_kernels.training.report " + " ".join(argv), **vars(args),
+                "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(markdown(recall, kl, rows, args.budgets, settings))
+    out.with_suffix(".json").write_text(json.dumps({"recall": recall, "kl": kl, "rows": rows}, indent=1))
+    print(out.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
