@@ -83,7 +83,8 @@ def test_scores_and_output_variants_share_one_autotune_entry(monkeypatch):
 
     def recording_run(*args, **kwargs):
         named = {k: v for k, v in {**dict(zip(tuner.arg_names, args)), **kwargs}.items() if k in tuner.arg_names}
-        keys.append(tuple(named[k] for k in tuner.keys) + tuple(str(v.dtype) for v in named.values() if hasattr(v, "dtype")))
+        dtypes = tuple(str(v.dtype) for v in named.values() if hasattr(v, "dtype"))
+        keys.append(tuple(named[k] for k in tuner.keys) + dtypes)
         return run(*args, **kwargs)
 
     monkeypatch.setattr(tuner, "run", recording_run)

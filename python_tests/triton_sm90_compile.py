@@ -137,10 +137,14 @@ def drive_all(all_shapes: bool):
                 backend.attention_scores(q, k, N - 32, D**-0.5, reduce, pool, "max")
                 backend.lookahead_attention(q, k, k, N, D**-0.5, reduce, pool, "avg")
             scores = torch.rand(1, Hkv, N - 32, generator=g)
-            backend.select_compact(scores, k, k, 512, 4)
-        q_one = torch.randn(1, 1, 32, 128, generator=g).to(dtype)  # one KV head: several key splits
+            for budget in (512, 4 + 32 + 1, N):  # n_pick = 476, 1 (an int 1 is specialised), all
+                backend.select_compact(scores, k, k, budget, 4)
+        # One KV head and one query (ints equal to 1 are specialised): several key splits.
+        q_one = torch.randn(1, 1, 1, 128, generator=g).to(dtype)
         k_one = torch.randn(1, 1, 4096, 128, generator=g).to(dtype)
         backend.lookahead_attention(q_one, k_one, k_one, 4096, 0.1, "mean", 1, "max")
+        w_one, rope_one = torch.randn(128, 128, generator=g).to(dtype), torch.randn(1, 128, generator=g)
+        backend.lookahead_qproj(q_one[0, 0], w_one, None, None, None, 1.0, rope_one, rope_one, 1, None, 1e-6)
         q_long = torch.randn(1, 8, 256, 128, generator=g).to(dtype)  # G·Tq > 128 rows: several row blocks
         k_long = torch.randn(1, 2, 256, 128, generator=g).to(dtype)
         backend.attention_scores(q_long, k_long, 256, 0.1, "max", 7, "max")

@@ -131,16 +131,17 @@ def _softmax_stats_kernel(
 @autotune(_PROB_CONFIGS, _INTERPRETER_CONFIG, key=_KEY)
 @triton.jit
 def _probabilities_kernel(
-    q_ptr, k_ptr, v_ptr, m_ptr, l_ptr, scores_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, m_ptr, l_ptr, raw_ptr, out_ptr,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     Hkv, G, Tq, N, S, q_chunks, num_splits, split_len, key_limit, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_TQ: tl.constexpr,
     BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, GQA_MAX: tl.constexpr, REDUCE_GROUP: tl.constexpr,
     WITH_OUT: tl.constexpr,
 ):
-    """REDUCE_GROUP: this row block is the whole group; write raw[b, g, j] (the GQA-reduced mean
-    probability). Otherwise write, per query chunk and head, the head's probabilities summed over the
-    chunk's queries and divided by Tq: sums[b, g, q_chunk, head, j].
+    """REDUCE_GROUP: this row block is the whole group; write raw[b, g, j], the GQA-reduced mean
+    probability (the scores themselves when there is no pooling). Otherwise write, per query chunk
+    and head, the head's probabilities summed over the chunk's queries and divided by Tq:
+    raw[b, g, q_chunk, head, j], which _reduce_pool_kernel reduces.
     WITH_OUT: also write this split's part of P·V for these rows: parts[split, b, hq, query, :]."""
     bg = tl.program_id(0)
     split = tl.program_id(1)
@@ -187,15 +188,16 @@ def _probabilities_kernel(
                                 max_propagate_nan)
             else:
                 raw = tl.sum(per_head, axis=0) / G
-            tl.store(scores_ptr + bg.to(tl.int64) * S + keys, raw, mask=scored)
+            tl.store(raw_ptr + bg.to(tl.int64) * S + keys, raw, mask=scored)
         else:
             q_chunk = pid_rows % q_chunks
             row = (bg * q_chunks + q_chunk) * G + head_of_block
-            tl.store(scores_ptr + row[:, None].to(tl.int64) * S + keys[None, :], per_head,
+            tl.store(raw_ptr + row[:, None].to(tl.int64) * S + keys[None, :], per_head,
                      mask=(head_of_block < G)[:, None] & scored[None, :])
     if WITH_OUT:
         out_row = ((split * tl.num_programs(0) + bg) * G + head).to(tl.int64) * Tq + query
-        tl.store(out_ptr + out_row[:, None] * HEAD_DIM + d[None, :], acc, mask=valid[:, None] & (d < HEAD_DIM)[None, :])
+        tl.store(out_ptr + out_row[:, None] * HEAD_DIM + d[None, :], acc,
+                 mask=valid[:, None] & (d < HEAD_DIM)[None, :])
 
 
 @triton.jit

@@ -30,8 +30,8 @@ K_ALIGN = 32 if INTERPRETING else 128  # a split-K slice is a multiple of every 
 MIN_SPLIT_K = 4 * K_ALIGN
 EPILOGUE_ROWS = 16
 
-# Shared memory per stage is (BLOCK_N + BLOCK_T)·BLOCK_K elements: every 16-bit config fits sm_90's
-# 227 KiB; the autotuner skips the float32 ones that do not.
+# Shared memory per pipeline stage is about (BLOCK_N + BLOCK_T)·BLOCK_K elements; the autotuner
+# skips the configs beyond sm_90's 227 KiB (float32 ones with the largest tiles and stages).
 _CONFIGS = [
     triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
     for n in (64, 128) for k in (64, 128) for w in (4, 8) for s in (3, 4)
