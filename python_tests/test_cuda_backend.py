@@ -192,6 +192,7 @@ SELECT_CASES = [
     (1, 2, 9000, 64, 8900, 700, 4),      # > 8192 candidates: multi-block radix select
     (1, 1, 9000, 8, 8999, 8999, 0),      # long row, pick all candidates but one
     (2, 1, 5000, 16, 4900, 6000, 0),     # budget > N over two tiles
+    (1, 1, 40000, 8, 100, 39950, 4),     # few candidates, long unscored tail: multi-block path
 ]
 
 

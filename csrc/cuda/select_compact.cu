@@ -9,8 +9,8 @@
 //   slot(j) = min(j, sinks) + #{greater before j} + min(#{equal before j}, take_eq) + max(0, j - S)
 // (every kept position, sink, candidate or tail, lands at the count of kept positions before it),
 // so compaction needs one block scan of (greater, equal) counts per tile, in position order.
-//   short rows (<= 8192 candidates): one 512-thread block per row holds the keys in registers,
-//     runs the 4 passes on a shared-memory histogram, then compacts tile by tile.
+//   short rows (<= 8192 candidates, N <= 32768): one 512-thread block per row holds the keys in
+//     registers, runs the 4 passes on a shared-memory histogram, then compacts tile by tile.
 //   long rows: 4 histogram launches over 4096-candidate tiles (shared-memory histograms merged by
 //     integer atomics; the last block to arrive picks the digit, so no extra launch), one launch
 //     counting (greater, equal) per tile, one compaction launch (each tile sums the counts of the
@@ -343,7 +343,9 @@ void select_compact(const SelectArgs& a, void* workspace, Stream stream) {
   g.kept = a.kept;
 
   const unsigned rows = static_cast<unsigned>(l.rows), tiles = static_cast<unsigned>(l.tiles);
-  if (!g.keep_all && g.S - g.sinks <= kRowCapacity) {
+  // One block per row when its candidates fit the block's registers and it has few positions to
+  // compact (the block compacts all N of them, tile after tile).
+  if (!g.keep_all && g.S - g.sinks <= kRowCapacity && g.N <= 4 * kRowCapacity) {
     launch("select_row_kernel", select_row_kernel, rows, kRowThreads, 0, stream, g);
     return;
   }
