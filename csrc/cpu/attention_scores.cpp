@@ -135,7 +135,7 @@ __attribute__((noinline)) void softmax_block(float* lt, int64_t rp, float* m, fl
   for (int64_t r = 0; r < rp; ++r) {
     const float m_new = shift[r];
     const float s = m_new == kNegInf ? 0.0f : m_new;
-    alpha[r] = exp_approx(m[r] - s);
+    alpha[r] = exp_nonpositive(m[r] - s);
     m[r] = m_new;
     shift[r] = s;
     l[r] *= alpha[r];
@@ -143,7 +143,7 @@ __attribute__((noinline)) void softmax_block(float* lt, int64_t rp, float* m, fl
   for (int64_t j = 0; j < kKeyBlock; ++j) {
     float* row = lt + j * rp;
     for (int64_t r = 0; r < rp; ++r) {
-      const float p = exp_approx(row[r] - shift[r]);
+      const float p = exp_nonpositive(row[r] - shift[r]);
       row[r] = p;
       l[r] += p;
     }
@@ -200,7 +200,7 @@ void combine_group(const AttentionArgs& a, const Geometry& g, int64_t bg, const 
   for (int64_t c = 0; c < g.nchunks; ++c) {
     const float* mc = part_m + c * Rp;
     const float* lc = part_l + c * Rp;
-    for (int64_t r = 0; r < Rp; ++r) l[r] += lc[r] * exp_approx(mc[r] - shift[r]);
+    for (int64_t r = 0; r < Rp; ++r) l[r] += lc[r] * exp_nonpositive(mc[r] - shift[r]);
   }
   for (int64_t r = 0; r < Rp; ++r) inv_l[r] = 1.0f / l[r];
   if (part_o == nullptr) return;
@@ -213,7 +213,7 @@ void combine_group(const AttentionArgs& a, const Geometry& g, int64_t bg, const 
     const float* oc = part_o + c * osize;
     float weight[kLaneQuantum];
     for (int64_t r0 = 0; r0 < Rp; r0 += kLaneQuantum) {
-      for (int64_t u = 0; u < kLaneQuantum; ++u) weight[u] = exp_approx(mc[r0 + u] - shift[r0 + u]) * inv_l[r0 + u];
+      for (int64_t u = 0; u < kLaneQuantum; ++u) weight[u] = exp_nonpositive(mc[r0 + u] - shift[r0 + u]) * inv_l[r0 + u];
       for (int64_t d = 0; d < a.D; ++d)
         for (int64_t u = 0; u < kLaneQuantum; ++u)
           acc[d * Rp + r0 + u] = c == 0 ? oc[d * Rp + r0 + u] * weight[u] : acc[d * Rp + r0 + u] + oc[d * Rp + r0 + u] * weight[u];
@@ -257,7 +257,7 @@ void score_chunk(const AttentionArgs& a, const Geometry& g, const float* qt, con
     block_logits(kbase, a.k_n, j0, a, g, qt, lane_query, s);
     for (int64_t j = 0; j < nscored; ++j) {
       float* row = s.lt + j * g.Rp;
-      for (int64_t r = 0; r < g.Rp; ++r) row[r] = exp_approx(row[r] - shift[r]) * inv_l[r];
+      for (int64_t r = 0; r < g.Rp; ++r) row[r] = exp_nonpositive(row[r] - shift[r]) * inv_l[r];
       float reduced = 0.0f;
       for (int64_t hg = 0; hg < g.G; ++hg) {
         const float head_mean = lane_sum(row + hg * a.Tq, a.Tq) / float(a.Tq);

@@ -83,16 +83,19 @@ inline Half from_float<Half>(float f) {
   return Half{uint16_t((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign))};
 }
 
-// exp(x) for float, vectorisable: Cephes' expf polynomial (relative error < 2e-7 over the
-// normal range). exp(-inf) = 0, exp(NaN) = NaN, overflow -> inf, results below the smallest
-// denormal -> 0. 2^n is applied as two factors so that the denormal and the top range stay exact.
-inline float exp_approx(float x) {
-  const float lo = -104.0f;   // exp(-104) rounds to 0
-  const float hi = 88.75f;    // exp(88.75) overflows
-  float xc = x < lo ? lo : x;
-  xc = xc > hi ? hi : xc;
-  xc = x != x ? 0.0f : xc;    // keep NaN out of the integer conversion below
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+// exp(x) for x <= 0 (softmax arguments x - max), vectorisable: Cephes' expf polynomial, relative
+// error < 1e-7 (measured 8.4e-8 over all x in [-87.33, 0]). exp(-inf) = 0, exp(NaN) = NaN; for
+// x < -87.33 (results below ~1.18e-38, i.e. about FLT_MIN) it returns 0, far below any probability
+// that matters. x > 0 is outside the domain (it returns 1).
+inline float exp_nonpositive(float x) {
+  const float lo = -87.33f;  // exp(lo) > FLT_MIN: 2^n below stays a normal float
+  float xc = x < lo ? lo : x;  // NaN passes through (the comparison is false) and stays NaN
+  xc = xc > 0.0f ? 0.0f : xc;
+  // t = x·log2(e) + (1.5·2^23 + 127): round to nearest n in the low mantissa bits of t, biased by
+  // 127, so that bits(t) << 23 is the float 2^n.
+  const float magic = 12583039.0f;
+  const float t = xc * 1.44269504088896341f + magic;
+  const float n = t - magic;
   float r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -102,14 +105,8 @@ inline float exp_approx(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float e = p * (r * r) + r + 1.0f;
-  const int ni = int(n);
-  const int n1 = ni >> 1;
-  const int n2 = ni - n1;
-  const float s1 = bits_float(uint32_t(n1 + 127) << 23);
-  const float s2 = bits_float(uint32_t(n2 + 127) << 23);
-  float y = (e * s1) * s2;
-  y = x < lo ? 0.0f : y;
-  return x != x ? x : y;
+  const float y = e * bits_float(float_bits(t) << 23);
+  return x < lo ? 0.0f : y;
 }
 
 // max that returns NaN when either operand is NaN (torch's amax / max_pool semantics).
@@ -128,6 +125,21 @@ inline FloatBuffer alloc_floats(int64_t count) {
   void* p = std::aligned_alloc(64, bytes);
   if (p == nullptr) throw std::bad_alloc();
   return FloatBuffer(static_cast<float*>(p));
+}
+
+// Grow-only scratch memory of the calling thread, reused by the next kernel call: a fresh
+// allocation of a few hundred KiB per call costs a page fault per 4 KiB every time. Holds the
+// kernels' small working sets (per-thread tiles, keys, packed queries); large per-call buffers are
+// allocated per call. One user at a time: valid until the next thread_workspace call on the thread.
+inline void* thread_workspace(int64_t bytes) {
+  thread_local FloatBuffer buffer;
+  thread_local int64_t capacity = 0;  // bytes
+  if (bytes > capacity) {
+    buffer.reset();
+    capacity = round_up(bytes, 4096);
+    buffer = alloc_floats(capacity / int64_t(sizeof(float)));
+  }
+  return buffer.get();
 }
 
 // Calls f with a value of the storage type of `dtype` (float, Half or BFloat16).

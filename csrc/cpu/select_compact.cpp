@@ -1,9 +1,11 @@
 // select_compact on CPU (docs/ops.md §4). Per (batch, KV head) row:
 //   1. every candidate position in [sink, S) gets an order-preserving uint32 key (larger score ->
 //      larger key; -0.0 == +0.0; NaN -> 0, below -inf);
-//   2. a radix select (8 bits per round, from the top byte) finds the threshold key of the
-//      n_pick-th best candidate, and how many candidates equal to it are still to be taken;
-//   3. one ascending scan keeps the keys above the threshold plus the earliest ones equal to it
+//   2. a radix select (digits of 11, 11 and 10 bits from the top) finds the threshold key of the
+//      n_pick-th best candidate, and how many candidates equal to it are still to be taken; for
+//      sparse selections (the usual budgets) it runs only on the keys above a sampled lower bound,
+//      collected with their positions in the one pass over the scores;
+//   3. an ascending scan keeps the keys above the threshold plus the earliest ones equal to it
 //      (ties -> lower position first), between the sinks [0, sink) and the tail [S, N);
 //   4. the kept K and V rows are copied (one memcpy per row) into the contiguous outputs.
 // This is exactly the order "larger score first, then lower position", so `kept` is bit-identical
@@ -13,7 +15,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <memory>
+#include <functional>
 
 #include "cpu/kernels.h"
 #include "cpu/numeric.h"
@@ -21,41 +23,84 @@
 namespace lookaheadkv::cpu {
 namespace {
 
+// Integer-only and branch-free (a branch on the sign would mispredict on every other score).
 inline uint32_t score_key(float f) {
-  const uint32_t u = float_bits(f == 0.0f ? 0.0f : f);  // -0.0 -> +0.0
-  const uint32_t key = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-  return f != f ? 0u : key;
+  uint32_t u = float_bits(f);
+  const uint32_t magnitude = u & 0x7FFFFFFFu;
+  u &= 0u - uint32_t(magnitude != 0);                          // -0.0 -> +0.0
+  const uint32_t key = u ^ (uint32_t(int32_t(u) >> 31) | 0x80000000u);  // negative: ~u, else u | sign
+  return key & (0u - uint32_t(magnitude <= 0x7F800000u));      // NaN -> 0
 }
 
+struct Digit {
+  int shift;
+  int bits;
+};
+constexpr Digit kDigits[] = {{21, 11}, {10, 11}, {0, 10}};
+constexpr int kMaxBins = 1 << 11;
+constexpr int kSubHistograms = 4;  // interleaved counters: repeated bins do not serialise on one counter
+
+// Per-thread scratch of one row.
+struct RowScratch {
+  uint32_t* keys;       // [S] the candidates' keys
+  uint32_t* pass_keys;  // [S] the keys above the sampled bound (sparse path)
+  uint32_t* pass_pos;   // [S] and their candidate indices
+  uint32_t* work;       // [S] radix select's compaction
+  uint32_t* hist;       // [kSubHistograms][kMaxBins]
+
+  static int64_t words(int64_t S) { return 4 * S + kSubHistograms * kMaxBins; }
+  RowScratch(uint32_t* base, int64_t S)
+      : keys(base), pass_keys(base + S), pass_pos(base + 2 * S), work(base + 3 * S), hist(base + 4 * S) {}
+};
+
 struct Threshold {
-  uint32_t key;        // the n_pick-th largest key
+  uint32_t key;         // the n_pick-th largest key
   int64_t equal_quota;  // how many candidates equal to `key` are kept (the earliest ones)
 };
 
-// Radix select of the n_pick-th largest of keys[0, n), 1 <= n_pick <= n. `work` holds n keys.
-Threshold radix_select(const uint32_t* keys, int64_t n, int64_t n_pick, uint32_t* work) {
+// Fills hist with the counts of digit d of src[0, count), in kSubHistograms interleaved copies.
+void histogram(const uint32_t* src, int64_t count, Digit d, uint32_t* hist) {
+  std::fill(hist, hist + kSubHistograms * kMaxBins, 0u);
+  const uint32_t mask = (1u << d.bits) - 1u;
+  int64_t i = 0;
+  for (; i + kSubHistograms <= count; i += kSubHistograms)
+    for (int s = 0; s < kSubHistograms; ++s) ++hist[s * kMaxBins + ((src[i + s] >> d.shift) & mask)];
+  for (; i < count; ++i) ++hist[(src[i] >> d.shift) & mask];
+}
+
+// Radix select of the n_pick-th largest of keys[0, n), 1 <= n_pick <= n.
+Threshold radix_select(const uint32_t* keys, int64_t n, int64_t n_pick, RowScratch& s) {
   uint32_t prefix = 0;
   int64_t remaining = n_pick;  // still to take among the keys that match the prefix
   const uint32_t* src = keys;
   int64_t count = n;
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    int64_t hist[256] = {};
-    for (int64_t i = 0; i < count; ++i) ++hist[(src[i] >> shift) & 0xFFu];
-    int bin = 255;
-    for (; bin > 0 && hist[bin] < remaining; --bin) remaining -= hist[bin];
-    prefix |= uint32_t(bin) << shift;
-    if (shift == 0) break;
-    // Keep only the keys in the chosen bin for the next, finer round.
-    int64_t kept = 0;
-    for (int64_t i = 0; i < count; ++i) {
-      work[kept] = src[i];
-      kept += int64_t(((src[i] >> shift) & 0xFFu) == uint32_t(bin));
+  for (const Digit d : kDigits) {
+    histogram(src, count, d, s.hist);
+    uint32_t bin = (1u << d.bits) - 1u;
+    for (;; --bin) {  // from the top bin down to the one holding the n_pick-th key
+      int64_t in_bin = 0;
+      for (int sub = 0; sub < kSubHistograms; ++sub) in_bin += s.hist[sub * kMaxBins + bin];
+      if (in_bin >= remaining || bin == 0) break;
+      remaining -= in_bin;
     }
-    src = work;
+    prefix |= bin << d.shift;
+    if (d.shift == 0) break;
+    // Keep only the keys in the chosen bin for the next, finer digit (in place in s.work). The
+    // branch is predictable: the bin usually holds few of the keys (or nearly all of them).
+    int64_t kept = 0;
+    const uint32_t mask = (1u << d.bits) - 1u;
+    for (int64_t i = 0; i < count; ++i) {
+      const uint32_t key = src[i];
+      if (((key >> d.shift) & mask) == bin) s.work[kept++] = key;
+    }
+    src = s.work;
     count = kept;
   }
   return {prefix, remaining};
 }
+
+constexpr int64_t kSampleStride = 32;
+constexpr int64_t kScanBlock = 16;
 
 struct Row {
   const float* scores;
@@ -66,33 +111,84 @@ struct Row {
   int64_t* kept;
 };
 
-void select_row(const SelectArgs& a, const Row& row, uint32_t* keys, uint32_t* work) {
+// Calls f(i), in ascending order, for every i < count with keys[i] >= lo. Blocks of kScanBlock
+// keys below lo are skipped after one vector test (most blocks, for a selective lo).
+template <class F>
+void for_each_at_least(const uint32_t* keys, int64_t count, uint32_t lo, const F& f) {
+  for (int64_t i0 = 0; i0 < count; i0 += kScanBlock) {
+    const int64_t i1 = std::min(count, i0 + kScanBlock);
+    if (i1 - i0 == kScanBlock) {
+      int hits = 0;
+      for (int64_t u = 0; u < kScanBlock; ++u) hits += int(keys[i0 + u] >= lo);
+      if (hits == 0) continue;
+    }
+    for (int64_t i = i0; i < i1; ++i)
+      if (keys[i] >= lo) f(i);
+  }
+}
+
+// Appends to kept, ascending, position(i) for the candidates i < count (in position order) whose
+// key is above t.key, and for the first t.equal_quota of those equal to it. Returns the new m.
+template <class Position>
+int64_t emit_selected(const uint32_t* keys, int64_t count, const Threshold& t, const Position& position,
+                      int64_t* kept, int64_t m) {
+  int64_t quota = t.equal_quota;
+  for_each_at_least(keys, count, t.key, [&](int64_t i) {
+    if (keys[i] > t.key || quota-- > 0) kept[m++] = position(i);
+  });
+  return m;
+}
+
+// kept[0, m) for a row: sinks, the selected candidates in ascending order, the tail. Returns m.
+int64_t kept_positions(const SelectArgs& a, const Row& row, RowScratch& s) {
   const int64_t N = a.N, S = a.S;
-  const int64_t row_bytes = a.D * a.element_size;
-  const int64_t k_row = a.k_n * a.element_size, v_row = a.v_n * a.element_size;
-  int64_t m = 0;
   if (a.budget >= N) {
-    for (; m < N; ++m) row.kept[m] = m;
-  } else {
-    const int64_t sink = std::min(a.num_sink, S);
-    const int64_t n_cand = S - sink;
-    const int64_t n_pick = a.budget - sink - (N - S);
-    for (; m < sink; ++m) row.kept[m] = m;
-    if (n_pick > 0) {
-      for (int64_t j = 0; j < n_cand; ++j) keys[j] = score_key(row.scores[(sink + j) * a.s_s]);
-      const Threshold t = radix_select(keys, n_cand, n_pick, work);
-      int64_t quota = t.equal_quota;
-      const int64_t picks_end = sink + n_pick;  // kept[m] below is written only while m < picks_end <= M
-      for (int64_t j = 0; j < n_cand && m < picks_end; ++j) {
-        const bool equal = keys[j] == t.key;
-        const bool take = keys[j] > t.key || (equal && quota > 0);
-        quota -= int64_t(equal && take);
-        row.kept[m] = sink + j;
-        m += int64_t(take);
+    for (int64_t p = 0; p < N; ++p) row.kept[p] = p;
+    return N;
+  }
+  const int64_t sink = std::min(a.num_sink, S);
+  const int64_t n_cand = S - sink;
+  const int64_t n_pick = a.budget - sink - (N - S);
+  int64_t m = 0;
+  for (; m < sink; ++m) row.kept[m] = m;
+  if (n_pick > 0) {
+    const float* cand = row.scores + sink * a.s_s;
+    for (int64_t i = 0; i < n_cand; ++i) s.keys[i] = score_key(cand[i * a.s_s]);
+    bool selected = false;
+    if (n_pick * 2 * kSampleStride <= n_cand) {
+      // Sparse selection (the usual budgets): an order statistic of every kSampleStride-th key
+      // is a lower bound lo that about 2·n_pick keys pass; the threshold is selected among those
+      // (kept with their indices). If fewer than n_pick pass (an unlucky sample), all keys are used.
+      const int64_t samples = n_cand / kSampleStride;
+      for (int64_t i = 0; i < samples; ++i) s.work[i] = s.keys[i * kSampleStride];
+      const int64_t rank = std::min(samples, 2 * n_pick / kSampleStride + 16);  // 1-based, from the top
+      std::nth_element(s.work, s.work + (rank - 1), s.work + samples, std::greater<uint32_t>());
+      const uint32_t lo = s.work[rank - 1];
+      int64_t passing = 0;
+      for_each_at_least(s.keys, n_cand, lo, [&](int64_t i) {
+        s.pass_keys[passing] = s.keys[i];
+        s.pass_pos[passing++] = uint32_t(i);
+      });
+      if (passing >= n_pick) {
+        const Threshold t = radix_select(s.pass_keys, passing, n_pick, s);
+        m = emit_selected(s.pass_keys, passing, t, [&](int64_t i) { return sink + int64_t(s.pass_pos[i]); },
+                          row.kept, m);
+        selected = true;
       }
     }
-    for (int64_t p = S; p < N; ++p) row.kept[m++] = p;
+    if (!selected) {
+      const Threshold t = radix_select(s.keys, n_cand, n_pick, s);
+      m = emit_selected(s.keys, n_cand, t, [&](int64_t i) { return sink + i; }, row.kept, m);
+    }
   }
+  for (int64_t p = S; p < N; ++p) row.kept[m++] = p;
+  return m;
+}
+
+void select_row(const SelectArgs& a, const Row& row, RowScratch& s) {
+  const int64_t m = kept_positions(a, row, s);
+  const int64_t row_bytes = a.D * a.element_size;
+  const int64_t k_row = a.k_n * a.element_size, v_row = a.v_n * a.element_size;
   for (int64_t i = 0; i < m; ++i) {
     std::memcpy(row.k_out + i * row_bytes, row.k + row.kept[i] * k_row, size_t(row_bytes));
     std::memcpy(row.v_out + i * row_bytes, row.v + row.kept[i] * v_row, size_t(row_bytes));
@@ -105,8 +201,8 @@ void select_compact(const SelectArgs& a) {
   const int64_t rows = a.B * a.Hkv;
   const int64_t M = std::min(a.budget, a.N);
   const int threads = a.num_threads > 0 ? a.num_threads : omp_get_max_threads();
-  const int64_t n_scratch = std::max<int64_t>(a.S, 1);
-  std::unique_ptr<uint32_t[]> scratch(new uint32_t[size_t(2 * n_scratch * threads)]);
+  const int64_t scratch_words = round_up(RowScratch::words(a.S), 16);
+  uint32_t* scratch = static_cast<uint32_t*>(thread_workspace(scratch_words * threads * int64_t(sizeof(uint32_t))));
   const int64_t out_row_bytes = M * a.D * a.element_size;
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
@@ -120,8 +216,8 @@ void select_compact(const SelectArgs& a) {
         static_cast<char*>(a.v_out) + rg * out_row_bytes,
         a.kept + rg * M,
     };
-    uint32_t* keys = scratch.get() + 2 * n_scratch * omp_get_thread_num();
-    select_row(a, row, keys, keys + n_scratch);
+    RowScratch s(scratch + scratch_words * omp_get_thread_num(), a.S);
+    select_row(a, row, s);
   }
 }
 

@@ -1,0 +1,152 @@
+"""Native CPU backend specifics (csrc/cpu/): code paths the shared op tests do not reach.
+
+- attention: several key chunks (combined in chunk order), many query rows, results independent
+  of the thread count, NaN rows;
+- select_compact: the sampled sparse path (long rows, small budgets) with ties, NaN and infinities,
+  and its fallback when the sample bound lets too few keys through;
+- rounding of the half-precision outputs, bit for bit against torch.
+"""
+
+import pytest
+import torch
+
+from lookaheadkv_kernels.backends import cpu, reference
+from op_testing import assert_close, randn
+
+pytestmark = pytest.mark.skipif(not cpu.available()[0], reason="native CPU module not built")
+
+
+def with_threads(n, fn):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(saved)
+
+
+# ---- attention -------------------------------------------------------------------------------
+
+# (B, Hq, Hkv, Tq, N, D, S, gqa_reduce, pool_kernel, pool_type)
+LONG_CASES = [
+    (1, 8, 2, 32, 5000, 64, 4968, "mean", 7, "max"),  # several 1536-key chunks, GQA 4
+    (2, 3, 1, 5, 3100, 128, 3000, "max", 5, "avg"),   # GQA 3, Tq not a multiple of 16
+    (1, 4, 4, 700, 1800, 32, 1800, "mean", 1, "max"),  # many query rows (44 lane tiles), Tq ~ N
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", LONG_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_long_sequences_against_float64_reference(dtype, case):
+    B, Hq, Hkv, Tq, N, D, S, reduce, pool_kernel, pool_type = case
+    g = torch.Generator().manual_seed(N)
+    q = randn(B, Hq, Tq, D, dtype=dtype, generator=g, scale=2.0)
+    k = randn(B, Hkv, N, D, dtype=dtype, generator=g)
+    v = randn(B, Hkv, N, D, dtype=dtype, generator=g)
+    args = (S, D**-0.5, reduce, pool_kernel, pool_type)
+    ref_out, ref_scores = reference.lookahead_attention(q.double(), k.double(), v.double(), *args)
+    out, scores = cpu.lookahead_attention(q, k, v, *args)
+    assert torch.equal(scores, cpu.attention_scores(q, k, *args))
+    assert_close(scores, ref_scores, rtol=1e-3 if dtype == torch.bfloat16 else 2e-4, atol=1e-8, what="scores")
+    tol = dict(rtol=2e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+    assert_close(out, ref_out, what="out", **tol)
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    g = torch.Generator().manual_seed(0)
+    q = randn(2, 8, 32, 64, generator=g)
+    k = randn(2, 2, 4000, 64, generator=g)
+    v = randn(2, 2, 4000, 64, generator=g)
+    args = (3968, 0.125, "mean", 7, "max")
+    one = with_threads(1, lambda: cpu.lookahead_attention(q, k, v, *args))
+    for threads in (2, 3):
+        many = with_threads(threads, lambda: cpu.lookahead_attention(q, k, v, *args))
+        assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+
+
+def test_nan_query_row_matches_torch_softmax():
+    """A NaN logit makes torch's softmax row all NaN, masked keys included: the reference's (and
+    these kernels') scores are NaN for every key of that head's group."""
+    g = torch.Generator().manual_seed(1)
+    q = randn(1, 4, 3, 64, generator=g)
+    k = randn(1, 2, 300, 64, generator=g)
+    q[0, 1, 2, 5] = float("nan")
+    args = (290, 0.125, "mean", 3, "avg")
+    scores = cpu.attention_scores(q, k, *args)
+    expected = reference.attention_scores(q.double(), k.double(), *args)
+    assert torch.equal(torch.isnan(scores), torch.isnan(expected))
+    finite = ~torch.isnan(expected)
+    assert_close(scores[finite], expected[finite], rtol=2e-4, atol=1e-8, what="finite scores")
+
+
+# ---- select_compact ----------------------------------------------------------------------------
+
+def make_scores(kind, B, H, S, generator):
+    scores = torch.randn(B, H, S, generator=generator)
+    if kind == "ties":
+        scores = (scores * 2).round() / 2  # few distinct values: long runs of equal scores
+    elif kind == "special":
+        pick = torch.rand(B, H, S, generator=generator)
+        scores[pick < 0.05] = float("nan")
+        scores[(pick >= 0.05) & (pick < 0.08)] = float("inf")
+        scores[(pick >= 0.08) & (pick < 0.1)] = -float("inf")
+        scores[(pick >= 0.1) & (pick < 0.2)] = 0.0
+        scores[(pick >= 0.2) & (pick < 0.3)] = -0.0
+    return scores
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "special"])
+@pytest.mark.parametrize("budget,num_sink", [(40, 4), (100, 0), (1000, 8), (3500, 4)])  # sparse, sparse, dense, dense
+def test_select_long_rows_against_reference(kind, budget, num_sink):
+    g = torch.Generator().manual_seed(budget)
+    B, H, N, D, S = 2, 3, 5000, 16, 4968
+    scores = make_scores(kind, B, H, S, g)
+    k = torch.randn(B, H, N, D, generator=g).to(torch.bfloat16)
+    v = torch.randn(B, H, N, D, generator=g).to(torch.bfloat16)
+    k_out, v_out, kept = cpu.select_compact(scores, k, v, budget, num_sink)
+    want_k, want_v, want_kept = reference.select_compact(scores, k, v, budget, num_sink)
+    assert torch.equal(kept, want_kept)
+    assert torch.equal(k_out, want_k) and torch.equal(v_out, want_v)
+
+
+def test_select_falls_back_when_the_sample_bound_is_too_high():
+    """Every 32nd candidate (the sampled ones) outranks all others, so the sampled lower bound lets
+    too few keys through and the selection must run on all of them."""
+    g = torch.Generator().manual_seed(5)
+    S = N = 8192
+    scores = torch.rand(1, 1, S, generator=g)
+    scores[..., ::32] += 10.0
+    k = torch.randn(1, 1, N, 8, generator=g)
+    budget = 100  # n_pick * 64 <= S: the sparse path is tried first
+    _, _, kept = cpu.select_compact(scores, k, k, budget, 0)
+    assert torch.equal(kept, reference.kept_positions(scores, N, budget, 0))
+
+
+def test_select_strided_scores_and_heads():
+    g = torch.Generator().manual_seed(6)
+    wide = torch.randn(2, 4, 6000, generator=g)
+    scores = wide[:, ::2, 100:5100]  # strided heads, offset rows
+    k = torch.randn(2, 2, 5100, 8, generator=g)
+    v = torch.randn(2, 2, 5100, 8, generator=g)
+    budget = 4 + 100 + 60  # sinks, the unscored tail [5000, 5100), 60 picks
+    got = cpu.select_compact(scores, k, v, budget, 4)
+    want = reference.select_compact(scores, k, v, budget, 4)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+# ---- rounding ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_outputs_round_like_torch(dtype):
+    """With W = I, no extras and sin = 0, q = x·cos computed in fp32, then rounded once: the
+    kernels' float->half conversion must give torch's bits (round to nearest even, overflow to
+    inf, subnormals)."""
+    T, heads, D = 16, 2, 64
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(T, heads * D, generator=g) * 4).to(dtype)
+    weight = torch.eye(heads * D, dtype=dtype)
+    cos = torch.randn(T, D, generator=g) * torch.logspace(-9, 5, D)  # tiny to overflowing
+    sin = torch.zeros(T, D)
+    out = cpu.lookahead_qproj(x, weight, None, None, None, 0.0, cos, sin, heads, None, 0.0)
+    expected = (x.float().view(T, heads, D) * cos[:, None, :]).to(dtype)
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
