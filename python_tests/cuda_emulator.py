@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sysconfig
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +47,15 @@ def unavailable_reason():
         return "no host C++ compiler (g++)"
     if _cuda_include() is None:
         return "no CUDA headers (cuda_runtime.h) for the emulated build"
+    if importlib.util.find_spec("pybind11") is None:
+        return "pybind11 is not installed (pip install pybind11) for the emulated build"
     return None
+
+
+def _compile(command):
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"emulated CUDA build failed: {' '.join(command[-4:])}\n{done.stderr[-6000:]}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,17 +70,18 @@ def load():
     target = out_dir / ("_C_cuda" + sysconfig.get_config_var("EXT_SUFFIX"))
     if not target.exists():
         out_dir.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix="build-", dir=out_dir))
         includes = [f"-I{ROOT / 'csrc'}", f"-I{_cuda_include()}", f"-I{pybind11.get_include()}",
                     f"-I{sysconfig.get_paths()['include']}"]
         objects = []
         for src in _sources():
-            obj = out_dir / (src.name + ".o")
-            subprocess.run(["g++", *FLAGS, *includes, "-include", str(HEADER), "-x", "c++", "-c", str(src), "-o", str(obj)],
-                           check=True, capture_output=True, text=True)
+            obj = scratch / (src.name + ".o")
+            _compile(["g++", *FLAGS, *includes, "-include", str(HEADER), "-x", "c++", "-c", str(src), "-o", str(obj)])
             objects.append(str(obj))
-        partial = target.with_suffix(".tmp")
-        subprocess.run(["g++", "-shared", *objects, "-o", str(partial)], check=True, capture_output=True, text=True)
-        partial.rename(target)
+        module = scratch / target.name
+        _compile(["g++", "-shared", *objects, "-o", str(module)])
+        os.replace(module, target)  # atomic: concurrent builders each install a complete module
+        shutil.rmtree(scratch, ignore_errors=True)
     spec = importlib.util.spec_from_file_location("_C_cuda", target)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
