@@ -1,8 +1,9 @@
 """The eviction flow: prefill with the model's own attention, evict each layer as soon as its scores
 exist, then decode with ordinary `generate` on the compacted cache at the true positions.
 
-Lower level (`prefill_and_evict`): for runtimes that drive their own decoding; returns the compacted
-cache (a `CompactedCache`, whose `get_seq_length()` is the true position of the next token) and the
+Lower level, for runtimes that drive their own decoding: `prefill_and_evict` (prefill and evict in
+one pass) and `evict_cache` (evict a cache the runtime prefilled); both return the compacted cache
+(a `CompactedCache`, whose `get_seq_length()` is the true position of the next token) and the
 next-token logits of the prompt. Higher level (`generate`): one call from a prompt to the answer.
 """
 
@@ -67,11 +68,9 @@ def resolve_budget(budget, num_prompt: int, num_layers: int) -> int | list[int]:
     raise TypeError(f"budget must be an int, a float ratio or a list of ints, got {type(budget).__name__}")
 
 
-def _check_prompt(model, input_ids, max_new_tokens):
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
-        raise ValueError(f"input_ids must be a [batch, length>=1] tensor, got {getattr(input_ids, 'shape', input_ids)}")
+def _check_window(model, num_prompt: int, max_new_tokens: int | None):
     window = sliding_window(model.config)
-    total = input_ids.shape[1] + (max_new_tokens or 0)
+    total = num_prompt + (max_new_tokens or 0)
     if window is not None and total > window:
         raise ValueError(
             f"the model uses sliding-window attention (window {window}); prompt + new tokens = {total} exceed it, "
@@ -149,8 +148,10 @@ def prefill_and_evict(model, input_ids: torch.Tensor, policy, budget, *, max_new
     it is. Each layer is evicted right after the prefill has run through it (LAQ alone needs the
     full cache until its draft is done). The lookahead / draft rows never enter the returned cache.
     """
-    _check_prompt(model, input_ids, max_new_tokens)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids must be a [batch, length>=1] tensor, got {getattr(input_ids, 'shape', input_ids)}")
     num_prompt = input_ids.shape[1]
+    _check_window(model, num_prompt, max_new_tokens)
     evictor = _Evictor(model, policy, budget, num_prompt, input_ids.device, max_new_tokens)
     if not evictor.evicting:
         return evictor.finish(_prefill(model, input_ids, evictor.cache, num_prompt))
@@ -174,6 +175,7 @@ def evict_cache(model, cache, hidden_states, next_logits: torch.Tensor, policy, 
     """
     first = cache.layers[0].keys
     num_prompt = first.shape[2]
+    _check_window(model, num_prompt, None)
     evictor = _Evictor(model, policy, budget, num_prompt, first.device, None)
     if evictor.policy.appends_rows:
         raise ValueError(f"{evictor.policy.name} scores with draft rows prefilled after the prompt; use prefill_and_evict")
