@@ -40,11 +40,12 @@ Plan make_plan(int64_t T, int64_t hidden, int64_t out_features, int64_t rank, in
   p.row_tiles = ceil_div(out_features, kRows);
   p.tok_tiles = ceil_div(T, kTokens);
   p.kchunks = ceil_div(hidden, kChunk);
-  // About 8 warps per multiprocessor stream W; every warp keeps at least 4 chunks (128 elements)
-  // so the split-K traffic (partials written and re-read) stays small next to W.
-  const int64_t target_warps = 8 * static_cast<int64_t>(num_sms);
-  const int64_t max_splits = std::max<int64_t>(1, p.kchunks / (4 * kWarps));
-  p.splits = clamp64(ceil_div(target_warps, p.row_tiles * p.tok_tiles * kWarps), 1, max_splits);
+  // One wave of blocks streams W: the tensor-core kernel's registers allow 2 blocks (8 warps) per
+  // multiprocessor, so the K splits fill 2 * num_sms blocks without starting a second, partial
+  // wave; each warp keeps at least one 32-element chunk. The partials (splits x T x out_features
+  // floats) stay in L2.
+  const int64_t max_splits = std::max<int64_t>(1, p.kchunks / kWarps);
+  p.splits = clamp64(2 * static_cast<int64_t>(num_sms) / (p.row_tiles * p.tok_tiles), 1, max_splits);
   p.chunks_per_warp = ceil_div(p.kchunks, p.splits * kWarps);
   WorkspaceLayout ws;
   p.partial_offset = ws.take(sizeof(float) * p.splits * T * out_features);
