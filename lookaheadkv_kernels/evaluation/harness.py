@@ -36,7 +36,8 @@ QUICK = {
     "tasks": "niah_single,niah_multikey,variable_tracking,fact_qa",
     "lengths": "1024,2048",
     "samples": 1,
-    "budgets": "64,128",
+    "budgets": "128",
+    "policies": "full,lookaheadkv,snapkv,streamingllm,laq",
 }
 
 
