@@ -5,10 +5,10 @@
 // padded to a multiple of 16 rows (one m16 tile never spans two heads), so every K/V tile loaded
 // into shared memory serves the whole group. A block holds up to kWarps m16 tiles (one per warp):
 // whole heads when a head has <= kWarps tiles, else one segment of one head.
-// Keys: the key axis is split into chunks, one block per (chunk, row block, batch x KV head), about
-// two blocks per multiprocessor; K/V tiles stream through shared memory with cp.async (double
-// buffered; an element-wise fallback serves rows that are not 16-byte aligned). Each warp loads
-// its own query rows the same way.
+// Keys: the key axis is split into chunks, one block per (chunk, row block, batch x KV head), at
+// most two blocks per multiprocessor (one wave); K/V tiles stream through shared memory with
+// cp.async (double buffered; an element-wise fallback serves rows that are not 16-byte aligned).
+// Each warp loads its own query rows the same way.
 // Two passes, fp32 accumulation:
 //   1. stats: per query row and chunk the max and sum of 2^(logit·log2e) over its visible keys
 //      (online over the chunk's tiles) -> workspace.
@@ -516,10 +516,11 @@ struct Plan {
   size_t stats_offset, col_offset, out_offset, bytes;
 };
 
-// Chunks of the key range [0, key_end) in whole tiles, about two blocks per multiprocessor.
+// Chunks of the key range [0, key_end) in whole tiles: at most two blocks per multiprocessor (what
+// the tensor-core configurations keep resident), so the grid is one wave.
 void chunking(int64_t key_end, int key_tile, int64_t blocks_per_chunk, int num_sms, int& chunk_keys, int& chunks) {
   const int64_t tiles = ceil_div(key_end, key_tile);
-  const int64_t want = clamp64(ceil_div(2 * static_cast<int64_t>(num_sms), blocks_per_chunk), 1, tiles);
+  const int64_t want = clamp64(2 * static_cast<int64_t>(num_sms) / blocks_per_chunk, 1, tiles);
   chunk_keys = static_cast<int>(ceil_div(tiles, want) * key_tile);
   chunks = static_cast<int>(ceil_div(key_end, chunk_keys));
 }
