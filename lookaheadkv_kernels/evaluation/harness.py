@@ -177,7 +177,13 @@ def main(argv=None) -> int:
         if any(p in PEER_POLICIES for p in policies):
             from .kvpress_peers import kvpress_version
 
-            print(f"kvpress {kvpress_version()}", file=sys.stderr)
+            try:
+                print(f"kvpress {kvpress_version()}", file=sys.stderr)
+            except ImportError as error:
+                if args.policies != _parser().get_default("policies"):
+                    raise SystemExit(f"kvpress peers requested but unavailable: {error}") from None
+                print(f"leaving out the kvpress peers: {error}", file=sys.stderr)
+                policies = [p for p in policies if p not in PEER_POLICIES]
         start = time.perf_counter()
         samples = [make_sample(t, n, i, tokenizer, args.seed) for n in lengths for t in tasks for i in range(args.samples)]
         print(
