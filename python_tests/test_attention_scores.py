@@ -106,6 +106,26 @@ def test_scores_identical_with_and_without_output(backend, device):
     torch.testing.assert_close(alone, fused, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend,device", backend_cases())
+@pytest.mark.parametrize("gqa_reduce,pool_kernel,pool_type", [("mean", 1, "max"), ("max", 3, "max"), ("mean", 3, "avg")])
+def test_nan_query_poisons_only_the_keys_it_sees(backend, device, gqa_reduce, pool_kernel, pool_type):
+    """docs/ops.md: NaN propagates like softmax over the visible keys, then through the reduce
+    (torch amax/mean) and the pooling (torch max_pool1d/avg_pool1d propagate NaN)."""
+    require(backend, device)
+    case = (1, 4, 2, 4, 24, 64, 24, gqa_reduce, pool_kernel, pool_type)
+    q, k, v = make_inputs(case, torch.float32, device, seed=9)
+    q[0, 1, 0, 5] = float("nan")  # first query of head 1 (KV head 0) sees keys 0..20 only
+    kwargs = op_kwargs(case)
+    _, ref_scores = reference_outputs(q, k, v, kwargs)
+    for scores in (lk.attention_scores(q, k, backend=backend, **kwargs),
+                   lk.lookahead_attention(q, k, v, backend=backend, **kwargs)[1]):
+        scores = scores.cpu()
+        assert torch.equal(torch.isnan(scores), torch.isnan(ref_scores)), f"NaN pattern {torch.isnan(scores)}"
+        finite = ~torch.isnan(ref_scores)
+        assert finite[0, 0].any() and torch.isnan(ref_scores[0, 0]).any()
+        assert_close(scores[finite], ref_scores[finite], what="finite scores", **score_tolerance(backend, device, torch.float32))
+
+
 def test_scores_are_a_distribution_without_pooling():
     """Each query's probabilities sum to 1, so with mean reduce and no pooling the scores over all
     N keys sum to 1 per (batch, KV head)."""

@@ -48,8 +48,10 @@ def _grouped_probabilities(q, k, scale):
     logits = torch.einsum("bhgtd,bhnd->bhgtn", qg, k.to(cd)) * scale
     query_pos = torch.arange(N - Tq, N, device=q.device)
     key_pos = torch.arange(N, device=q.device)
-    logits = logits.masked_fill(key_pos[None, :] > query_pos[:, None], float("-inf"))
-    return torch.softmax(logits, dim=-1)
+    hidden = key_pos[None, :] > query_pos[:, None]
+    # Zeroing the hidden keys after the softmax keeps them at exactly 0 even when a visible logit
+    # is NaN (the contract: a NaN row poisons only the keys it sees).
+    return torch.softmax(logits.masked_fill(hidden, float("-inf")), dim=-1).masked_fill(hidden, 0.0)
 
 
 def _pool(raw, pool_kernel, pool_type):
