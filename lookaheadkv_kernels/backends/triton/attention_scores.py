@@ -175,7 +175,9 @@ def _probabilities_kernel(
     for start in range(key_lo, key_hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         logits = _logits(q, k_base, keys, key_hi, query_pos, stride_kn, qk_scale, HEAD_DIM, BLOCK_D, UPCAST)
-        p = tl.where(valid[:, None], tl.exp2(logits - base[:, None]) * inv_l[:, None], 0.0)
+        # Hidden keys are exactly 0 even in a row whose statistics are NaN (docs/ops.md).
+        visible = valid[:, None] & (keys[None, :] <= query_pos[:, None]) & (keys < key_hi)[None, :]
+        p = tl.where(visible, tl.exp2(logits - base[:, None]) * inv_l[:, None], 0.0)
         if WITH_OUT:
             v = tl.load(v_base + keys[:, None].to(tl.int64) * stride_vn + d[None, :],
                         mask=(keys < key_hi)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
