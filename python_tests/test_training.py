@@ -276,3 +276,38 @@ def test_train_command_end_to_end(tmp_path, monkeypatch):
     records = sorted((tmp_path / "cache" / "training").rglob("*.safetensors"))
     assert len(records) == 4  # 3 training + 1 held-out, answered once and kept for a resumed run
     assert main(args) == 0  # everything reused: the checkpoint is at the last step already
+
+
+def test_report_scores_a_module_on_the_saved_prompt_kv(model):
+    from lookaheadkv_kernels.runtime import LookaheadModule, prefill_and_evict
+    from lookaheadkv_kernels.runtime.policies import LookaheadKV
+    from lookaheadkv_kernels.training.report import kept_positions, kv_only_inputs, record_prefill
+
+    policy = LookaheadKV(LookaheadModule(model, n_lookahead=4, rank=2, seed=3))
+    ids = random_prompts([50], seed=13)[0][None]
+    expected = prefill_and_evict(model, ids, policy, 20).kept
+    layers, _ = record_prefill(model, ids)
+    keys, values = torch.stack([x.keys for x in layers]), torch.stack([x.values for x in layers])
+    replayed = kept_positions(model, kv_only_inputs(model, keys, values), None, policy, 20, 50)
+    assert all(torch.equal(a, b) for a, b in zip(replayed, expected))
+
+
+def test_report_rows_resume_and_summarise(model, records, tmp_path):
+    from lookaheadkv_kernels.runtime import LookaheadModule
+    from lookaheadkv_kernels.runtime.policies import SnapKV
+    from lookaheadkv_kernels.training.report import evaluate, markdown, summarise
+
+    paths = records[0][:2]
+    policies = {"snapkv": SnapKV(window=4)}
+    first = evaluate(model, paths, policies, {}, (8, 16), tmp_path, progress=False)
+    modules = {"lookaheadkv": LookaheadModule(model, n_lookahead=4, rank=2)}
+    second = evaluate(model, paths, policies, modules, (8, 16), tmp_path, progress=False)  # baselines from the cache
+    for a, b in zip(first, second):
+        assert a["recall"]["snapkv"] == b["recall"]["snapkv"]
+        assert set(b["recall"]) == {"snapkv", "lookaheadkv"} and b["kl"]["lookaheadkv"] >= 0
+    recall, kl = summarise(second, (8, 16))
+    assert all(0 <= v <= 1 for per_budget in recall.values() for v in per_budget.values())
+    for row in second:
+        row["length_target"] = 64
+    text = markdown(recall, kl, second, (8, 16), {"lengths": [64], "answer_tokens": 6, "command": "test"})
+    assert "| lookaheadkv |" in text and "recall@16" in text

@@ -21,15 +21,17 @@ import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..runtime.cache import CompactedCache, CompactedLayer, compact_layer
 from ..runtime.eviction import encode_prompt
 from ..runtime.lookahead import LookaheadModule
 from ..runtime.models import cache_dir, config_hash, layer_parts, load_model
 from ..runtime.policies import LAQ, LookaheadKV, PyramidKV, Run, SnapKV, StreamingLLM
-from ..runtime.tap import tap_layers
+from ..runtime.tap import LayerInputs, tap_layers
 from .data import make_samples
 from .targets import kept_recall, kl_divergence, normalise
 from .teacher import build_records, load_record
@@ -62,41 +64,98 @@ def kept_positions(model, layers, next_logits, policy, budget: int, num_prompt: 
     ]
 
 
+def kv_only_inputs(model, keys: torch.Tensor, values: torch.Tensor) -> list[LayerInputs]:
+    """Layer inputs that carry only the prompt K/V [L, B, Hkv, N, D] (no hidden rows, no positions).
+
+    Enough for the LookaheadKV scorer, which reads the prompt's keys and values and takes only the
+    dtype and device of the hidden rows; lets a module be scored on a saved prefill.
+    """
+    parts = layer_parts(model)
+    empty = keys.new_empty(keys.shape[1], 0, model.config.hidden_size)
+    return [
+        LayerInputs(i, parts[i], empty, None, None, SimpleNamespace(keys=keys[i], values=values[i]))
+        for i in range(len(parts))
+    ]
+
+
 @torch.no_grad()
 def lookahead_kl(model, module, layers, importance: torch.Tensor, num_prompt: int) -> float:
     """Mean over layers and heads of KL(importance ‖ the module's normalised scores of the prompt)."""
-    policy = LookaheadKV(module)
     parts = layer_parts(model)
-    scorer = policy.scorer(Run(model, parts, num_prompt, 0, [num_prompt] * len(parts), None))
+    scorer = LookaheadKV(module).scorer(Run(model, parts, num_prompt, 0, [num_prompt] * len(parts), None))
     predicted = torch.stack([normalise(scorer.score(inputs))[0] for inputs in layers])
     return float(kl_divergence(importance.to(predicted.device), predicted).mean())
 
 
-def evaluate(model, tokenizer, record_paths, policies: dict, budgets, modules: dict, progress=True):
-    """{policy: {budget: mean recall}}, {module name: mean KL}, per-prompt rows."""
+def mean_recall(kept: list[torch.Tensor], oracle: torch.Tensor, budget: int) -> float:
+    return float(torch.stack([kept_recall(k[0], o, budget).mean() for k, o in zip(kept, oracle)]).mean())
+
+
+@torch.no_grad()
+def baseline_row(model, record, policies: dict, budgets, kv_path: Path) -> dict:
+    """Recall of the module-free policies on one prompt; saves the prompt's K/V for the module part."""
     device = next(model.parameters()).device
+    n = record.num_prompt
+    layers, next_logits = record_prefill(model, record.prompt_ids[None].to(device))
+    oracle = record.importance.to(device)
+    recall = {
+        name: {b: mean_recall(kept_positions(model, layers, next_logits, policy, b, n), oracle, b) for b in budgets}
+        for name, policy in policies.items()
+    }
+    kv_path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"keys": torch.stack([x.keys for x in layers]).cpu().contiguous(),
+               "values": torch.stack([x.values for x in layers]).cpu().contiguous()}, kv_path)
+    return {"key": record.key, "task": record.task, "prompt_tokens": n, "recall": recall, "kl": {}}
+
+
+@torch.no_grad()
+def module_part(model, record, modules: dict, budgets, kv_path: Path, row: dict) -> None:
+    """Add each module's LookaheadKV recall and KL to `row`, scored on the saved prompt K/V."""
+    device = next(model.parameters()).device
+    n = record.num_prompt
+    saved = load_file(kv_path, device=str(device))
+    layers = kv_only_inputs(model, saved["keys"], saved["values"])
+    oracle = record.importance.to(device)
+    for name, module in modules.items():
+        policy = LookaheadKV(module)
+        row["recall"][name] = {b: mean_recall(kept_positions(model, layers, None, policy, b, n), oracle, b) for b in budgets}
+        row["kl"][name] = lookahead_kl(model, module, layers, oracle, n)
+
+
+def evaluate(model, record_paths, policies: dict, modules: dict, budgets, work_dir: Path, progress=True):
+    """Per-prompt rows ({"recall": {policy: {budget: recall}}, "kl": {module: kl}, ...}).
+
+    The module-free part of every prompt (one prefill) is cached under work_dir with the prompt's
+    K/V, so it runs once, can run before training ends, and resumes; modules are scored on top.
+    """
     rows = []
     for path in record_paths:
         record = load_record(path)
-        n = record.num_prompt
+        row_path, kv_path = work_dir / f"{record.key}.json", work_dir / f"{record.key}.kv.safetensors"
         started = time.perf_counter()
-        layers, next_logits = record_prefill(model, record.prompt_ids[None].to(device))
-        oracle = record.importance.to(device)
-        row = {"key": record.key, "task": record.task, "prompt_tokens": n, "recall": {}, "kl": {}}
-        for name, policy in policies.items():
-            row["recall"][name] = {}
-            for b in budgets:
-                kept = kept_positions(model, layers, next_logits, policy, b, n)
-                row["recall"][name][b] = float(torch.stack([kept_recall(k[0], o, b).mean() for k, o in zip(kept, oracle)]).mean())
-        for name, module in modules.items():
-            row["kl"][name] = lookahead_kl(model, module, layers, oracle, n)
+        if row_path.is_file() and kv_path.is_file():
+            row = json.loads(row_path.read_text(), object_hook=_int_budgets)
+        else:
+            row = baseline_row(model, record, policies, budgets, kv_path)
+            row_path.write_text(json.dumps(row))
+        if modules:
+            module_part(model, record, modules, budgets, kv_path, row)
         row["seconds"] = round(time.perf_counter() - started, 1)
         rows.append(row)
         if progress:
             print(json.dumps(row), file=sys.stderr, flush=True)
-    recall = {name: {b: sum(r["recall"][name][b] for r in rows) / len(rows) for b in budgets} for name in policies}
-    kl = {name: sum(r["kl"][name] for r in rows) / len(rows) for name in modules}
-    return recall, kl, rows
+    return rows
+
+
+def _int_budgets(mapping: dict) -> dict:
+    return {int(k) if k.isdigit() else k: v for k, v in mapping.items()}
+
+
+def summarise(rows, budgets):
+    names = list(rows[0]["recall"])
+    recall = {name: {b: sum(r["recall"][name][b] for r in rows) / len(rows) for b in budgets} for name in names}
+    kl = {name: sum(r["kl"][name] for r in rows) / len(rows) for name in rows[0]["kl"]}
+    return recall, kl
 
 
 def markdown(recall, kl, rows, budgets, settings: dict) -> str:
@@ -117,15 +176,16 @@ def markdown(recall, kl, rows, budgets, settings: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{values[b]:.3f}" for b in budgets) + " |")
     lines += ["", "KL(true importance ‖ module's normalised scores), mean over layers, heads and prompts:", ""]
     lines += [f"- {name}: {value:.4f}" for name, value in kl.items()]
-    lines += ["", "Recall@B by prompt length (LookaheadKV, SnapKV, LAQ):", "",
-              "| length | prompts | " + " | ".join(f"{p} @{b}" for p in ("lookaheadkv", "snapkv", "laq") for b in budgets) + " |",
-              "|---|---|" + "---|" * (3 * len(budgets))]
+    shown = [p for p in ("lookaheadkv", "snapkv", "laq") if p in recall]
+    lines += ["", f"Recall@B by prompt length ({', '.join(shown)}):", "",
+              "| length | prompts | " + " | ".join(f"{p} @{b}" for p in shown for b in budgets) + " |",
+              "|---|---|" + "---|" * (len(shown) * len(budgets))]
     for length in settings["lengths"]:
         group = [r for r in rows if r["length_target"] == length]
         if not group:
             continue
         cells = [
-            f"{sum(r['recall'][p][b] for r in group) / len(group):.3f}" for p in ("lookaheadkv", "snapkv", "laq") for b in budgets
+            f"{sum(r['recall'][p][b] for r in group) / len(group):.3f}" for p in shown for b in budgets
         ]
         lines.append(f"| ~{length} | {len(group)} | " + " | ".join(cells) + " |")
     lines += ["", "Command and settings:", "", "```", settings["command"], json.dumps(settings, indent=1, default=str), "```", ""]
@@ -142,7 +202,8 @@ def _count(rows, field):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(prog="python -m lookaheadkv_kernels.training.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("--module", help="trained lookahead module directory (required unless --records-only)")
+    p.add_argument("--module", help="trained lookahead module directory; without it only the module-free "
+                   "policies run (their rows are cached for the run with a module)")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--out", required=True, help="markdown report path (a .json with every prompt's row is written next to it)")
     p.add_argument("--per-length", type=int, default=4, help="held-out prompts per target length")
@@ -154,8 +215,6 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--records-only", action="store_true", help="only build the held-out teacher records (resumable)")
     args = p.parse_args(argv)
-    if not (args.module or args.records_only):
-        p.error("--module is required unless --records-only")
 
     model, tokenizer = load_model(args.model, device=args.device)
 
@@ -177,21 +236,20 @@ def main(argv=None) -> int:
 
     if args.records_only:
         return 0
-    trained = LookaheadModule.load(args.module, model).to(args.device)
-    untrained = LookaheadModule(model, n_lookahead=trained.config.n_lookahead, rank=trained.config.rank,
-                                alpha=trained.config.alpha, seed=0).to(args.device)
-    policies = {
-        "lookaheadkv": LookaheadKV(trained),
-        "lookaheadkv-untrained": LookaheadKV(untrained),
-        "snapkv": SnapKV(),
-        "pyramidkv": PyramidKV(),
-        "streamingllm": StreamingLLM(),
-        "laq": LAQ(),
-    }
-    modules = {"lookaheadkv (trained)": trained, "lookaheadkv (untrained init)": untrained}
-    recall, kl, rows = evaluate(model, tokenizer, paths, policies, args.budgets, modules)
+    policies = {"snapkv": SnapKV(), "pyramidkv": PyramidKV(), "streamingllm": StreamingLLM(), "laq": LAQ()}
+    modules = {}
+    if args.module:
+        trained = LookaheadModule.load(args.module, model).to(args.device).eval()
+        untrained = LookaheadModule(model, n_lookahead=trained.config.n_lookahead, rank=trained.config.rank,
+                                    alpha=trained.config.alpha, seed=0).to(args.device).eval()
+        modules = {"lookaheadkv": trained, "lookaheadkv-untrained": untrained}
+    work_dir = directory / "baselines"
+    rows = evaluate(model, paths, policies, modules, args.budgets, work_dir)
+    if not modules:
+        return 0
     for row in rows:
         row["length_target"] = length_of[row["key"]]
+    recall, kl = summarise(rows, args.budgets)
     settings = {"command": "python -m lookaheadkv_kernels.training.report " + " ".join(argv), **vars(args),
                 "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
     out = Path(args.out)
