@@ -238,3 +238,20 @@ def test_cli_lists_the_evaluation_commands():
     assert {"eval", "bench-evict", "demo"} <= set(COMMANDS)
     with pytest.raises(ValueError, match="unknown policies"):
         harness.parse_policies("snapkv,h2o")
+
+
+def test_bench_evict_measures_every_policy_against_the_plain_prefill(tokenizer):
+    from lookaheadkv_kernels.evaluation import bench_evict
+
+    model = tiny_llama()
+    module = trained_looking(model)
+    rows = bench_evict.bench_length(model, tokenizer, 300, ["lookaheadkv", "snapkv", "laq"], module, 64, 2, 8, lambda _: None)
+    by = {r["policy"]: r for r in rows}
+    assert set(by) == {bench_evict.PLAIN, "lookaheadkv", "snapkv", "laq"}
+    assert by[bench_evict.PLAIN]["overhead_ms"] is None and len(by["laq"]["ttft_runs_ms"]) == 2
+    assert by["lookaheadkv"]["eviction_work_ratio_to_lookaheadkv"] == pytest.approx(1.0)
+    assert by["snapkv"]["kept_kv_bytes"] < by[bench_evict.PLAIN]["kept_kv_bytes"]
+    assert by["laq"]["peak_kv_bytes"] >= by["snapkv"]["peak_kv_bytes"]  # LAQ holds the full cache until its draft is done
+    meta = {"command": "x", "device": "cpu", "threads": 1, "budget": 64, "repeats": 2, "module": None}
+    table = bench_evict.markdown(rows, meta)
+    assert "| lookaheadkv |" in table and "laq/LookaheadKV" in table

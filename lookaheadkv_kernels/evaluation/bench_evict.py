@@ -201,9 +201,6 @@ def main(argv=None) -> int:
     def progress(message):
         print(message, file=sys.stderr, flush=True)
 
-    rows = []
-    for length in lengths:
-        rows += bench_length(model, tokenizer, length, policies, module, args.budget, repeats, args.max_new_tokens, progress)
     name = args.name or device.type
     meta = {
         "command": "lookaheadkv bench-evict " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -212,9 +209,12 @@ def main(argv=None) -> int:
         "module": str(module_dir) if module_dir else None,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"bench_evict_{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    table = markdown(rows, meta)
-    (args.out / f"bench_evict_{name}.md").write_text(table)
+    rows = []
+    for length in lengths:  # results are rewritten after every length, so a stopped run keeps what it measured
+        rows += bench_length(model, tokenizer, length, policies, module, args.budget, repeats, args.max_new_tokens, progress)
+        (args.out / f"bench_evict_{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        table = markdown(rows, meta)
+        (args.out / f"bench_evict_{name}.md").write_text(table)
     print(table)
     return 0
 
