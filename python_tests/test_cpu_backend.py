@@ -134,6 +134,28 @@ def test_select_strided_scores_and_heads():
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
+# ---- lookahead_qproj ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_qproj_wide_hidden_and_partial_tiles(dtype):
+    """hidden = 600: several 256-column conversion chunks of half-precision W, the last partial;
+    head_dim = 40: a partial last tile of W rows; T = 33: a partial lane tile."""
+    T, hidden, heads, D, rank = 33, 600, 3, 40, 4
+    g = torch.Generator().manual_seed(8)
+    x = randn(T, hidden, dtype=dtype, generator=g)
+    weight = randn(heads * D, hidden, dtype=dtype, generator=g, scale=hidden**-0.5)
+    bias = randn(heads * D, generator=g)
+    lora_a = randn(rank, hidden, generator=g, scale=hidden**-0.5)
+    lora_b = randn(heads * D, rank, generator=g, scale=0.1)
+    cos, sin = randn(T, D, generator=g), randn(T, D, generator=g)
+    norm_weight = randn(D, generator=g)
+    args = (bias, lora_a, lora_b, 2.0, cos, sin, heads, norm_weight, 1e-6)
+    out = cpu.lookahead_qproj(x, weight, *args)
+    expected = reference.lookahead_qproj(x.double(), weight.double(), *[a.double() if torch.is_tensor(a) else a for a in args])
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    assert_close(out, expected, rtol=tol, atol=tol, what="q")
+
+
 # ---- rounding ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

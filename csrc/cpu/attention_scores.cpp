@@ -104,19 +104,20 @@ void load_rows(const T* src, int64_t row_stride, int64_t nrows, int64_t D, float
   }
 }
 
-// Sets to -inf the logits of the keys a row may not see: key position p is visible to query i
-// (at position N-Tq+i) iff p <= N-Tq+i; positions >= N are block padding.
-void mask_block(float* lt, int64_t rp, int64_t j0, const int32_t* lane_query, int64_t N, int64_t Tq) {
+// Sets to `hidden` the entries of the keys a row may not see: key position p is visible to query
+// i (at position N-Tq+i) iff p <= N-Tq+i; positions >= N are block padding. Logits get -inf
+// (pass 1), probabilities 0 (pass 2: exactly 0 even in a NaN row, as the contract says).
+void mask_block(float* lt, int64_t rp, int64_t j0, const int32_t* lane_query, int64_t N, int64_t Tq, float hidden) {
   const int64_t first_hidden = N - Tq + 1;  // the first position query 0 does not see
   if (j0 + kKeyBlock <= first_hidden) return;
   for (int64_t j = 0; j < kKeyBlock; ++j) {
     float* row = lt + j * rp;
     const int64_t pos = j0 + j;
     if (pos >= N) {
-      for (int64_t r = 0; r < rp; ++r) row[r] = kNegInf;
+      for (int64_t r = 0; r < rp; ++r) row[r] = hidden;
     } else if (pos >= first_hidden) {
       const int32_t limit = int32_t(pos - (N - Tq));  // queries i < limit do not see pos
-      for (int64_t r = 0; r < rp; ++r) row[r] = lane_query[r] < limit ? kNegInf : row[r];
+      for (int64_t r = 0; r < rp; ++r) row[r] = lane_query[r] < limit ? hidden : row[r];
     }
   }
 }
@@ -150,13 +151,12 @@ __attribute__((noinline)) void softmax_block(float* lt, int64_t rp, float* m, fl
   }
 }
 
-// Logits Lt[j][r] of block j0 for every row of the group.
+// Logits Lt[j][r] of block j0 for every row of the group (hidden keys not masked yet).
 template <class T>
 void block_logits(const T* kbase, int64_t k_n, int64_t j0, const AttentionArgs& a, const Geometry& g,
-                  const float* qt, const int32_t* lane_query, Scratch& s) {
+                  const float* qt, Scratch& s) {
   load_rows(kbase + j0 * k_n, k_n, std::min(kKeyBlock, a.N - j0), a.D, s.kf, a.D, kKeyBlock);
   gemm_lanes<false>(kKeyBlock, g.Rp, a.D, s.kf, a.D, 1, qt, g.Rp, s.lt, g.Rp, nullptr);
-  mask_block(s.lt, g.Rp, j0, lane_query, a.N, a.Tq);
 }
 
 // Pass 1 work item: chunk c of group bg -> m_c, l_c [Rp] and (when o_c) o_c [Dv][Rp].
@@ -172,7 +172,8 @@ void stats_chunk(const AttentionArgs& a, const Geometry& g, const float* qt, con
   const int64_t blk_end = std::min(g.nblocks, (c + 1) * g.chunk_blocks);
   for (int64_t blk = c * g.chunk_blocks; blk < blk_end; ++blk) {
     const int64_t j0 = blk * kKeyBlock;
-    block_logits(kbase, a.k_n, j0, a, g, qt, lane_query, s);
+    block_logits(kbase, a.k_n, j0, a, g, qt, s);
+    mask_block(s.lt, g.Rp, j0, lane_query, a.N, a.Tq, kNegInf);
     softmax_block(s.lt, g.Rp, m_c, l_c, s.alpha, s.shift);
     if (o_c) {
       load_rows(vbase + j0 * a.v_n, a.v_n, std::min(kKeyBlock, a.N - j0), a.D, s.vf, g.Dv, kKeyBlock);
@@ -254,10 +255,14 @@ void score_chunk(const AttentionArgs& a, const Geometry& g, const float* qt, con
   for (int64_t blk = c * g.chunk_blocks; blk < blk_end; ++blk) {
     const int64_t j0 = blk * kKeyBlock;
     const int64_t nscored = std::min(kKeyBlock, a.S - j0);
-    block_logits(kbase, a.k_n, j0, a, g, qt, lane_query, s);
+    block_logits(kbase, a.k_n, j0, a, g, qt, s);
     for (int64_t j = 0; j < nscored; ++j) {
       float* row = s.lt + j * g.Rp;
       for (int64_t r = 0; r < g.Rp; ++r) row[r] = exp_nonpositive(row[r] - shift[r]) * inv_l[r];
+    }
+    mask_block(s.lt, g.Rp, j0, lane_query, a.N, a.Tq, 0.0f);
+    for (int64_t j = 0; j < nscored; ++j) {
+      const float* row = s.lt + j * g.Rp;
       float reduced = 0.0f;
       for (int64_t hg = 0; hg < g.G; ++hg) {
         const float head_mean = lane_sum(row + hg * a.Tq, a.Tq) / float(a.Tq);

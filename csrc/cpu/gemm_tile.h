@@ -8,15 +8,18 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cpu/numeric.h"
+
 namespace lookaheadkv::cpu {
 
 constexpr int kTileRows = 6;     // broadcast rows per micro-tile
 constexpr int64_t kLaneQuantum = 16;  // the vector dimension is padded to a multiple of this
 
 // When kScaleInit, the accumulators start from C[u][w] * c_scale[w] (online-softmax rescale),
-// otherwise from 0.
-template <int W, bool kScaleInit>
-inline void micro_tile(int64_t K, const float* a, int64_t a_row, int64_t a_k, const float* b, int64_t ldb, float* c,
+// otherwise from 0. A may be stored in any element type with a to_float (numeric.h): reading it
+// in place lets its memory traffic overlap the FMAs instead of stalling a separate conversion.
+template <int W, bool kScaleInit, class AElem>
+inline void micro_tile(int64_t K, const AElem* a, int64_t a_row, int64_t a_k, const float* b, int64_t ldb, float* c,
                        int64_t ldc, const float* c_scale) {
   float acc[kTileRows][W];
   for (int u = 0; u < kTileRows; ++u)
@@ -24,7 +27,7 @@ inline void micro_tile(int64_t K, const float* a, int64_t a_row, int64_t a_k, co
   for (int64_t k = 0; k < K; ++k) {
     const float* brow = b + k * ldb;
     for (int u = 0; u < kTileRows; ++u) {
-      const float av = a[u * a_row + k * a_k];
+      const float av = to_float(a[u * a_row + k * a_k]);
       for (int w = 0; w < W; ++w) acc[u][w] += av * brow[w];
     }
   }
@@ -35,8 +38,8 @@ inline void micro_tile(int64_t K, const float* a, int64_t a_row, int64_t a_k, co
 // C[rows][width] (+)= A · B over K; rows is a multiple of kTileRows, width of kLaneQuantum.
 // Every element of C is one sequence of FMAs over k in order, whatever tile it falls in, so a
 // value never depends on the shape of the call that produced it.
-template <bool kScaleInit>
-inline void gemm_lanes(int64_t rows, int64_t width, int64_t K, const float* a, int64_t a_row, int64_t a_k,
+template <bool kScaleInit, class AElem>
+inline void gemm_lanes(int64_t rows, int64_t width, int64_t K, const AElem* a, int64_t a_row, int64_t a_k,
                        const float* b, int64_t ldb, float* c, int64_t ldc, const float* c_scale) {
   int64_t w0 = 0;
   const auto sweep = [&](auto width_tag) {

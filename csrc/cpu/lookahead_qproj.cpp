@@ -2,15 +2,17 @@
 //
 // T (the lookahead rows, ~32) is small and W is large, so every W row is read from memory once:
 // the work items are query heads (D rows of W each). x is converted to fp32 and transposed once
-// (xt[h][t], the T rows in the vector lanes, shared by all threads); a head converts its W rows to
-// fp32 and the micro-kernel of gemm_tile.h broadcasts W[o][h] against xt[h][:], accumulating
-// q[o][t] for kTileRows rows of W and all T rows of x at once, in fp32. The head's [D, T] block
-// then gets bias, LoRA, RMSNorm and RoPE and is rounded once to x's dtype.
+// (xt[h][t], the T rows in the vector lanes, shared by all threads); the micro-kernel of
+// gemm_tile.h broadcasts W[o][h] against xt[h][:], accumulating q[o][t] for kTileRows rows of W and
+// all T rows of x at once, in fp32 (fp32 W is read in place, half-precision W is converted in
+// chunks just before use). The head's [D, T] block then gets bias, LoRA, RMSNorm and RoPE and is
+// rounded once to x's dtype.
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu/gemm_tile.h"
 #include "cpu/kernels.h"
@@ -18,6 +20,8 @@
 
 namespace lookaheadkv::cpu {
 namespace {
+
+constexpr int64_t kConvertChunk = 256;  // columns of half-precision W converted at a time
 
 // dst[r][0, ld) = src row r (fp32), zero padded; rows in [nrows, total_rows) are zero.
 template <class Elem>
@@ -45,15 +49,18 @@ void run(const QProjArgs& a) {
 
   FloatBuffer xt = alloc_floats(H * Tp);       // x transposed: xt[h][t], zero lanes t >= T
   FloatBuffer xa = alloc_floats(rank_p * Tp);  // (x·Aᵀ) transposed: xa[r][t]
-  const int64_t wbuf_rows = std::max<int64_t>(kTileRows, rank_p);
-  const int64_t scratch_floats = round_up(wbuf_rows * H, 16) + round_up(Dp * Tp, 16) + round_up(D, 16);
+  // wbuf: rows of A or of W ([rank_p or kTileRows][H]), or a chunk of W ([kTileRows][kConvertChunk])
+  const int64_t wbuf_floats = round_up(std::max({rank_p * H, kTileRows * H, kTileRows * kConvertChunk}), 16);
+  const int64_t scratch_floats = wbuf_floats + round_up(Dp * Tp, 16) + round_up(D, 16) + Tp;
   FloatBuffer scratch = alloc_floats(scratch_floats * threads);
 
 #pragma omp parallel num_threads(threads)
   {
-    float* wbuf = scratch.get() + scratch_floats * omp_get_thread_num();  // [kTileRows][H] rows of W in fp32
-    float* qbuf = wbuf + round_up(wbuf_rows * H, 16);                      // [Dp][Tp] the head, q[o][t]
+    float* wbuf = scratch.get() + scratch_floats * omp_get_thread_num();  // rows of W or A in fp32
+    float* qbuf = wbuf + wbuf_floats;                                      // [Dp][Tp] the head, q[o][t]
     float* q = qbuf + round_up(Dp * Tp, 16);                               // [D] one row of the head
+    float* ones = q + round_up(D, 16);                                     // [Tp] rescale factors of 1
+    std::fill(ones, ones + Tp, 1.0f);
 
 #pragma omp for schedule(static)
     for (int64_t h = 0; h < H; ++h) {
@@ -74,10 +81,33 @@ void run(const QProjArgs& a) {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t head = 0; head < a.num_heads; ++head) {
       const int64_t f0 = head * D;  // first output feature of the head
-      for (int64_t o0 = 0; o0 < D; o0 += kTileRows) {  // kTileRows rows of W: converted, then used from L2
-        load_padded(static_cast<const Elem*>(a.weight) + (f0 + o0) * a.w_row, a.w_row,
-                    std::min<int64_t>(kTileRows, D - o0), H, wbuf, H, kTileRows);
-        gemm_lanes<false>(kTileRows, Tp, H, wbuf, H, 1, xt.get(), Tp, qbuf + o0 * Tp, Tp, nullptr);
+      const Elem* w_head = static_cast<const Elem*>(a.weight) + f0 * a.w_row;
+      if constexpr (std::is_same_v<Elem, float>) {
+        // fp32 W is read in place by the micro-kernel, so its memory traffic overlaps the FMAs
+        // (a separate conversion pass stalls on it: 1.7x slower, measured); only a partial last
+        // tile of rows goes through a zero-padded copy.
+        const int64_t full = D / kTileRows * kTileRows;
+        gemm_lanes<false>(full, Tp, H, w_head, a.w_row, 1, xt.get(), Tp, qbuf, Tp, nullptr);
+        if (full < D) {
+          load_padded(w_head + full * a.w_row, a.w_row, D - full, H, wbuf, H, kTileRows);
+          gemm_lanes<false>(kTileRows, Tp, H, wbuf, H, 1, xt.get(), Tp, qbuf + full * Tp, Tp, nullptr);
+        }
+      } else {
+        // Half-precision W is converted to fp32 kConvertChunk columns at a time, right before its
+        // use (whole rows first: stalls on memory; inside the micro-kernel: more instructions than
+        // FMAs; both measured 1.3-2.5x slower). Chunks after the first accumulate onto q.
+        for (int64_t o0 = 0; o0 < D; o0 += kTileRows) {
+          for (int64_t h0 = 0; h0 < H; h0 += kConvertChunk) {
+            const int64_t len = std::min(kConvertChunk, H - h0);
+            load_padded(w_head + o0 * a.w_row + h0, a.w_row, std::min<int64_t>(kTileRows, D - o0), len, wbuf,
+                        kConvertChunk, kTileRows);
+            if (h0 == 0)
+              gemm_lanes<false>(kTileRows, Tp, len, wbuf, kConvertChunk, 1, xt.get(), Tp, qbuf + o0 * Tp, Tp, nullptr);
+            else
+              gemm_lanes<true>(kTileRows, Tp, len, wbuf, kConvertChunk, 1, xt.get() + h0 * Tp, Tp, qbuf + o0 * Tp, Tp,
+                               ones);
+          }
+        }
       }
       for (int64_t t = 0; t < T; ++t) {
         for (int64_t d = 0; d < D; ++d) q[d] = qbuf[d * Tp + t];
