@@ -127,21 +127,6 @@ inline FloatBuffer alloc_floats(int64_t count) {
   return FloatBuffer(static_cast<float*>(p));
 }
 
-// Grow-only scratch memory of the calling thread, reused by the next kernel call: a fresh
-// allocation of a few hundred KiB per call costs a page fault per 4 KiB every time. Holds the
-// kernels' small working sets (per-thread tiles, keys, packed queries); large per-call buffers are
-// allocated per call. One user at a time: valid until the next thread_workspace call on the thread.
-inline void* thread_workspace(int64_t bytes) {
-  thread_local FloatBuffer buffer;
-  thread_local int64_t capacity = 0;  // bytes
-  if (bytes > capacity) {
-    buffer.reset();
-    capacity = round_up(bytes, 4096);
-    buffer = alloc_floats(capacity / int64_t(sizeof(float)));
-  }
-  return buffer.get();
-}
-
 // Calls f with a value of the storage type of `dtype` (float, Half or BFloat16).
 template <class F>
 decltype(auto) dispatch_dtype(DType dtype, F&& f) {

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
 
 #include "cpu/kernels.h"
 #include "cpu/numeric.h"
@@ -202,7 +203,7 @@ void select_compact(const SelectArgs& a) {
   const int64_t M = std::min(a.budget, a.N);
   const int threads = a.num_threads > 0 ? a.num_threads : omp_get_max_threads();
   const int64_t scratch_words = round_up(RowScratch::words(a.S), 16);
-  uint32_t* scratch = static_cast<uint32_t*>(thread_workspace(scratch_words * threads * int64_t(sizeof(uint32_t))));
+  std::unique_ptr<uint32_t[]> scratch(new uint32_t[size_t(scratch_words * threads)]);
   const int64_t out_row_bytes = M * a.D * a.element_size;
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
@@ -216,7 +217,7 @@ void select_compact(const SelectArgs& a) {
         static_cast<char*>(a.v_out) + rg * out_row_bytes,
         a.kept + rg * M,
     };
-    RowScratch s(scratch + scratch_words * omp_get_thread_num(), a.S);
+    RowScratch s(scratch.get() + scratch_words * omp_get_thread_num(), a.S);
     select_row(a, row, s);
   }
 }
