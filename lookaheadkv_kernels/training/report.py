@@ -51,17 +51,28 @@ def record_prefill(model, input_ids):
 
 
 @torch.no_grad()
-def kept_positions(model, layers, next_logits, policy, budget: int, num_prompt: int) -> list[torch.Tensor]:
-    """Per layer, the kept positions [B, Hkv, M] of `policy` at `budget` (replaying the recorded prefill)."""
+def policy_scores(model, layers, next_logits, policy, budgets: list[int], num_prompt: int) -> list[torch.Tensor]:
+    """Per layer, `policy`'s scores of the prompt keys with per-layer `budgets` (replaying the recorded prefill)."""
     parts = layer_parts(model)
-    budgets = policy.layer_budgets(budget, num_prompt, len(parts))
     scorer = policy.scorer(Run(model, parts, num_prompt, 0, budgets, None))
     scores = {inputs.index: s for inputs in layers if (s := scorer.score(inputs)) is not None}
     scores.update(scorer.finish(next_logits))
+    return [scores[i] for i in range(len(layers))]
+
+
+def compact_all(layers, scores, budgets: list[int], num_sink: int, num_prompt: int) -> list[torch.Tensor]:
+    """Per layer, the kept positions [B, Hkv, M] of the runtime's compaction path (the cache is not touched)."""
     return [
-        compact_layer(CompactedLayer(), scores[i], inputs.keys, inputs.values, budgets[i], policy.num_sink, num_prompt)
-        for i, inputs in enumerate(layers)
+        compact_layer(CompactedLayer(), s, inputs.keys, inputs.values, b, num_sink, num_prompt)
+        for inputs, s, b in zip(layers, scores, budgets)
     ]
+
+
+def kept_positions(model, layers, next_logits, policy, budget: int, num_prompt: int) -> list[torch.Tensor]:
+    """Per layer, the kept positions [B, Hkv, M] of `policy` at `budget`, as an evicting prefill keeps them."""
+    budgets = policy.layer_budgets(budget, num_prompt, len(layers))
+    scores = policy_scores(model, layers, next_logits, policy, budgets, num_prompt)
+    return compact_all(layers, scores, budgets, policy.num_sink, num_prompt)
 
 
 def kv_only_inputs(model, keys: torch.Tensor, values: torch.Tensor) -> list[LayerInputs]:
@@ -76,15 +87,6 @@ def kv_only_inputs(model, keys: torch.Tensor, values: torch.Tensor) -> list[Laye
         LayerInputs(i, parts[i], empty, None, None, SimpleNamespace(keys=keys[i], values=values[i]))
         for i in range(len(parts))
     ]
-
-
-@torch.no_grad()
-def lookahead_kl(model, module, layers, importance: torch.Tensor, num_prompt: int) -> float:
-    """Mean over layers and heads of KL(importance ‖ the module's normalised scores of the prompt)."""
-    parts = layer_parts(model)
-    scorer = LookaheadKV(module).scorer(Run(model, parts, num_prompt, 0, [num_prompt] * len(parts), None))
-    predicted = torch.stack([normalise(scorer.score(inputs))[0] for inputs in layers])
-    return float(kl_divergence(importance.to(predicted.device), predicted).mean())
 
 
 def mean_recall(kept: list[torch.Tensor], oracle: torch.Tensor, budget: int) -> float:
@@ -117,9 +119,14 @@ def module_part(model, record, modules: dict, budgets, kv_path: Path, row: dict)
     layers = kv_only_inputs(model, saved["keys"], saved["values"])
     oracle = record.importance.to(device)
     for name, module in modules.items():
-        policy = LookaheadKV(module)
-        row["recall"][name] = {b: mean_recall(kept_positions(model, layers, None, policy, b, n), oracle, b) for b in budgets}
-        row["kl"][name] = lookahead_kl(model, module, layers, oracle, n)
+        policy = LookaheadKV(module)  # its scores do not depend on the budget: score once, compact per budget
+        scores = policy_scores(model, layers, None, policy, [n] * len(layers), n)
+        row["recall"][name] = {
+            b: mean_recall(compact_all(layers, scores, policy.layer_budgets(b, n, len(layers)), policy.num_sink, n), oracle, b)
+            for b in budgets
+        }
+        predicted = normalise(torch.stack([s[0] for s in scores]))
+        row["kl"][name] = float(kl_divergence(oracle, predicted).mean())
 
 
 def evaluate(model, record_paths, policies: dict, modules: dict, budgets, work_dir: Path, progress=True):
