@@ -158,6 +158,7 @@ def plot(table: Table, path: Path, policies, budgets, lengths, tasks) -> bool:
         return False
     panels = [([n], f"{n} tokens") for n in lengths] + [(list(lengths), "all lengths")]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), sharey=True, squeeze=False)
+    colors = dict(zip([p for p in policies if p != FULL], plt.get_cmap("tab20").colors))
     for ax, (panel_lengths, title) in zip(axes[0], panels):
         for policy in policies:
             if policy == FULL:
@@ -168,7 +169,9 @@ def plot(table: Table, path: Path, policies, budgets, lengths, tasks) -> bool:
             points = [(b, table.mean(policy, b, panel_lengths, tasks)) for b in token_budgets]
             points = [(b, v) for b, v in points if v is not None]
             if points:
-                style = {"linewidth": 2.5, "color": "tab:red"} if policy == "lookaheadkv" else {"linewidth": 1.2}
+                style = {"linewidth": 1.2, "color": colors[policy], "linestyle": "--" if policy.startswith("kvpress-") else "-"}
+                if policy == "lookaheadkv":
+                    style.update(linewidth=2.8, color="tab:red")
                 ax.plot(*zip(*points), marker="o", markersize=3, label=policy, **style)
         ax.set_xscale("log", base=2)
         ax.set_xticks(token_budgets, [str(b) for b in token_budgets])
