@@ -60,7 +60,7 @@ SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-san
 stage "memcheck" 90 sanitizer.log "$SANITIZER" --tool memcheck --error-exitcode 1 $PY bench/gpu_checks.py sanitize
 stage "racecheck" 90 sanitizer.log "$SANITIZER" --tool racecheck --error-exitcode 1 $PY bench/gpu_checks.py sanitize
 stage "op benchmark" 150 bench.log $PY -m lookaheadkv_kernels.bench --device cuda --backends cuda,triton \
-  --shapes llama8b --dtypes bfloat16 --lengths 8192,32768 --budgets 512,2048 --csv "$OUT/bench.csv"
+  --shapes llama8b --dtypes bfloat16 --lengths 8192,32768,131072 --budgets 128,512,2048,4096 --csv "$OUT/bench.csv"
 stage "pytest triton" 120 pytest.log env LOOKAHEADKV_TEST_BACKENDS=triton $PY -m pytest -q -p no:cacheprovider $TESTS
 
 {
