@@ -196,7 +196,7 @@ class Trainer:
         for i in indices:
             loss = record_loss(self.model, self.module, load_record(self.train_paths[i]), self.device)
             (loss / len(indices)).backward()
-            total += float(loss)
+            total += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.config.clip_norm)
         self.optimizer.step()
         self.scheduler.step()
