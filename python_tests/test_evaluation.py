@@ -255,3 +255,13 @@ def test_bench_evict_measures_every_policy_against_the_plain_prefill(tokenizer):
     meta = {"command": "x", "device": "cpu", "threads": 1, "budget": 64, "repeats": 2, "module": None}
     table = bench_evict.markdown(rows, meta)
     assert "| lookaheadkv |" in table and "laq/LookaheadKV" in table
+
+
+def test_a_record_cut_off_by_a_killed_run_is_dropped(tmp_path):
+    path = tmp_path / "eval_k.jsonl"
+    whole = {"uid": "a/300/0", "policy": "snapkv", "budget": 64, "score": 100.0}
+    path.write_text(json.dumps(whole) + "\n" + '{"uid": "a/300/0", "policy": "la')
+    store = harness.ResultStore(path)
+    assert list(store.records.values()) == [whole] and path.read_text().endswith("\n")
+    store.add({**whole, "policy": "streamingllm"})
+    assert len(harness.ResultStore(path).records) == 2

@@ -52,7 +52,11 @@ class ResultStore:
         self.path = path
         self.records: dict[tuple, dict] = {}
         if path.is_file():
-            for line in path.read_text().splitlines():
+            text = path.read_text()
+            if text and not text.endswith("\n"):  # a run killed mid-write: drop its partial last record
+                text = text[: text.rfind("\n") + 1]
+                path.write_text(text)
+            for line in text.splitlines():
                 if line.strip():
                     record = json.loads(line)
                     self.records[record_key(record)] = record
