@@ -144,6 +144,10 @@ def _parser():
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--report-only", action="store_true", help="rebuild the CSV/markdown/plots from the JSONL")
+    parser.add_argument(
+        "--report-name", default=None,
+        help="write the tables as <out>/eval_<report-name>.* (default: --name), e.g. a subset of lengths/budgets",
+    )
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -203,7 +207,10 @@ def main(argv=None) -> int:
             "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - start, 1),
         }
         (args.out / f"eval_{name}.meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    written = write_report(store, args.out, name, budgets=budgets, policies=policies, lengths=lengths, tasks=tasks)
+    written = write_report(
+        store, args.out, args.report_name or name, budgets=budgets, policies=policies, lengths=lengths, tasks=tasks,
+        meta_name=name,
+    )
     for path in written:
         print(path)
     return 0

@@ -186,11 +186,14 @@ def plot(table: Table, path: Path, policies, budgets, lengths, tasks) -> bool:
     return True
 
 
-def write_report(store, out: Path, name: str, *, budgets, policies, lengths, tasks) -> list[Path]:
-    """Write eval_<name>.csv, .md and _score_vs_budget.png under `out`; return the paths written."""
+def write_report(store, out: Path, name: str, *, budgets, policies, lengths, tasks, meta_name=None) -> list[Path]:
+    """Write eval_<name>.csv, .md and _score_vs_budget.png under `out`; return the paths written.
+
+    The run's command line is read from eval_<meta_name>.meta.json (default: `name`).
+    """
     out.mkdir(parents=True, exist_ok=True)
     table = Table(store.records.values())
-    meta_path = out / f"eval_{name}.meta.json"
+    meta_path = out / f"eval_{meta_name or name}.meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     csv_path, md_path, png_path = out / f"eval_{name}.csv", out / f"eval_{name}.md", out / f"eval_{name}_score_vs_budget.png"
     write_csv(table, csv_path, policies, budgets, lengths, tasks)
