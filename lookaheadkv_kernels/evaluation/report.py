@@ -145,7 +145,8 @@ def markdown(table: Table, meta: dict, policies, budgets, lengths, tasks) -> str
 
 
 def plot(table: Table, path: Path, policies, budgets, lengths, tasks) -> bool:
-    """Score vs budget, one line per policy, one panel per length plus the mean; False without matplotlib."""
+    """Score vs budget, one line per policy, one panel per length plus the mean; False if not drawn
+    (no matplotlib, or fewer than two token budgets)."""
     try:
         import matplotlib
 
@@ -154,7 +155,7 @@ def plot(table: Table, path: Path, policies, budgets, lengths, tasks) -> bool:
     except ImportError:
         return False
     token_budgets = sorted(b for b in budgets if isinstance(b, int))
-    if not token_budgets:
+    if len(token_budgets) < 2:  # a score-vs-budget line needs two budgets
         return False
     panels = [([n], f"{n} tokens") for n in lengths] + [(list(lengths), "all lengths")]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), sharey=True, squeeze=False)
