@@ -17,7 +17,6 @@ from lookaheadkv_kernels.evaluation.replay import capture_prefill, decode, evict
 from lookaheadkv_kernels.runtime import (  # noqa: E402
     LAQ,
     LookaheadKV,
-    LookaheadModule,
     Oracle,
     PyramidKV,
     SnapKV,
@@ -26,6 +25,7 @@ from lookaheadkv_kernels.runtime import (  # noqa: E402
     generate,
     prefill_and_evict,
 )
+from runtime_testing import trained_looking  # noqa: E402
 
 VOCAB = 96
 CHAT_TEMPLATE = (
@@ -72,16 +72,6 @@ def tiny_llama(seed=0):
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = 2
     return model
-
-
-def trained_looking(model, seed=3):
-    module = LookaheadModule(model, seed=seed)
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("_b"):
-                p.copy_(0.05 * torch.randn(p.shape, generator=generator))
-    return module
 
 
 # ---- tasks and scoring ---------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from lookaheadkv_kernels.runtime import (  # noqa: E402
     UnsupportedModelError,
     generate,
     lookahead_stream,
+    make_policy,
     prefill_and_evict,
     ragged_masks,
     resolve_budget,
@@ -33,6 +34,7 @@ from lookaheadkv_kernels.runtime.lookahead import target_linear  # noqa: E402
 from lookaheadkv_kernels.runtime.models import layer_parts  # noqa: E402
 from lookaheadkv_kernels.runtime.policies import Run  # noqa: E402
 from lookaheadkv_kernels.runtime.tap import tap_layers  # noqa: E402
+from runtime_testing import trained_looking  # noqa: E402
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 VOCAB = 96
@@ -63,17 +65,6 @@ def tiny_model(family, attn="sdpa", seed=0, **overrides):
 
 def prompt_ids(length=PROMPT, seed=1):
     return torch.randint(3, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
-
-
-def trained_looking(model, seed=3, **kwargs):
-    """A module whose LoRA B is non-zero, as after training."""
-    module = LookaheadModule(model, seed=seed, **kwargs)
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("_b"):
-                p.copy_(0.05 * torch.randn(p.shape, generator=generator))
-    return module
 
 
 def full_generate(model, ids, max_new_tokens):
@@ -407,6 +398,14 @@ def test_policy_names_and_options():
     assert a.token_ids == b.token_ids
     with pytest.raises(ValueError, match="unknown policy"):
         generate(model, None, ids, policy="h2o", budget=12)
+    with pytest.raises(ValueError, match="needs a module"):
+        make_policy("lookaheadkv")
+    with pytest.raises(FileNotFoundError, match="no lookahead module for this model"):
+        generate(model, None, ids, policy="lookaheadkv", budget=12)  # nothing shipped for a random tiny model
+    module = trained_looking(model)
+    a = generate(model, None, ids, policy="lookaheadkv", module=module, budget=12, max_new_tokens=3)
+    b = generate(model, None, ids, policy=LookaheadKV(module), budget=12, max_new_tokens=3)
+    assert a.token_ids == b.token_ids
     with pytest.raises(ValueError, match="num_sink"):
         SnapKV(num_sink=-1)
     with pytest.raises(ValueError, match="vocab_size"):

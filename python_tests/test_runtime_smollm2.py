@@ -106,6 +106,16 @@ def test_lookahead_eviction_keeps_prompt_logits_and_evicts_each_layer(smollm2, n
     assert stats.peak_cache_bytes == stats.full_cache_bytes * (29 * budget + ids.shape[1]) // (30 * ids.shape[1])
 
 
+def test_lookaheadkv_by_name_uses_the_shipped_module(smollm2, needle_ids):
+    model, tokenizer = smollm2
+    by_name = generate(model, tokenizer, needle_ids, policy="lookaheadkv", budget=64, max_new_tokens=4)
+    shipped = LookaheadKV(LookaheadModule.shipped(model))
+    assert not shipped.module.training
+    explicit = generate(model, tokenizer, needle_ids, policy=shipped, budget=64, max_new_tokens=4)
+    assert by_name.token_ids == explicit.token_ids
+    assert by_name.eviction.kept == [64] * 30
+
+
 def test_oracle_keeps_what_the_answer_needs(smollm2, needle_ids):
     model, tokenizer = smollm2
     result = generate(model, tokenizer, needle_ids, policy="oracle", budget=64, max_new_tokens=16)

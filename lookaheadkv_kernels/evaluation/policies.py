@@ -7,12 +7,9 @@ with "kvpress-" are kvpress 0.5.x presses run on the same captured prefill (see 
 
 from __future__ import annotations
 
-import json
-from importlib import resources
 from pathlib import Path
 
-from ..runtime.lookahead import CONFIG_FILE, LookaheadModule
-from ..runtime.models import config_hash
+from ..runtime.lookahead import LookaheadModule, shipped_module_dir
 from ..runtime.policies import LookaheadKV, make_policy
 from .kvpress_peers import PRESSES
 
@@ -22,25 +19,8 @@ PEER_POLICIES = tuple(PRESSES)
 ALL_POLICIES = (FULL,) + RUNTIME_POLICIES + PEER_POLICIES
 
 
-def shipped_modules_dir() -> Path:
-    return Path(str(resources.files("lookaheadkv_kernels").joinpath("data", "modules")))
-
-
-def find_module_dir(model) -> Path:
-    """The shipped lookahead module trained for `model` (matched by architecture hash)."""
-    wanted = config_hash(model.config)
-    root = shipped_modules_dir()
-    for config in sorted(root.glob(f"*/{CONFIG_FILE}")) if root.is_dir() else ():
-        if json.loads(config.read_text()).get("config_hash") == wanted:
-            return config.parent
-    raise FileNotFoundError(
-        f"no lookahead module for this model (config hash {wanted}) is shipped under {root}; "
-        "train one (lookaheadkv train) and pass its directory with --module"
-    )
-
-
 def load_lookahead(model, module_dir: str | Path | None = None) -> tuple[LookaheadModule, Path]:
-    directory = Path(module_dir) if module_dir else find_module_dir(model)
+    directory = Path(module_dir) if module_dir else shipped_module_dir(model)
     return LookaheadModule.load(directory, model).eval(), directory
 
 

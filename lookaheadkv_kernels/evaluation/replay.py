@@ -26,7 +26,7 @@ import torch
 from transformers import DynamicCache
 
 from ..runtime.cache import CompactedCache, CompactedLayer, ragged_masks
-from ..runtime.eviction import _Evictor, evict_cache
+from ..runtime.eviction import _Evictor, eos_ids, evict_cache
 from ..runtime.models import layer_parts
 from ..runtime.policies import Oracle, SpecKV, make_policy
 from ..runtime.tap import LayerInputs
@@ -100,13 +100,6 @@ def _appended_rows(policy, model, prefill: Prefill, continuation: torch.Tensor |
         if length is not None and (continuation.shape[1] >= length or stopped):
             return continuation[:, :length]
     return policy.extra_tokens(model, prefill.input_ids, max_new_tokens)
-
-
-def eos_ids(model) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        return set()
-    return {int(e) for e in ([eos] if isinstance(eos, int) else eos)}
 
 
 def _evict_with_rows(model, prefill: Prefill, policy, budget, max_new_tokens, continuation):

@@ -3,6 +3,7 @@
     from lookaheadkv_kernels.runtime import load_model, generate, LookaheadModule, LookaheadKV
     model, tokenizer = load_model("smollm2")            # the embedded SmolLM2-135M-Instruct
     result = generate(model, tokenizer, "Summarise ...", policy="snapkv", budget=128, max_new_tokens=64)
+    result = generate(model, tokenizer, prompt, policy="lookaheadkv", budget=128)  # the module shipped for the model
     result = generate(model, tokenizer, prompt, policy=LookaheadKV(LookaheadModule.load(path, model)), budget=0.25)
 
 Every policy scores through the ops (`lookahead_qproj`, `attention_scores`, `lookahead_attention`)
@@ -16,6 +17,7 @@ from .eviction import (
     EvictionStats,
     GenerationResult,
     encode_prompt,
+    eos_ids,
     evict_cache,
     generate,
     prefill_and_evict,
@@ -40,7 +42,7 @@ from .policies import (
 
 __all__ = [
     "CompactedCache", "CompactedLayer", "ragged_masks",
-    "Eviction", "EvictionStats", "GenerationResult", "encode_prompt", "evict_cache", "generate", "prefill_and_evict", "resolve_budget",
+    "Eviction", "EvictionStats", "GenerationResult", "encode_prompt", "eos_ids", "evict_cache", "generate", "prefill_and_evict", "resolve_budget",
     "LookaheadConfig", "LookaheadModule", "lookahead_stream",
     "SMOLLM2_INSTALL", "UnsupportedModelError", "cache_dir", "load_model", "smollm2_checkpoint",
     "LAQ", "POLICIES", "KNorm", "LookaheadKV", "Oracle", "Policy", "PyramidKV", "RandomPolicy", "SnapKV", "SpecKV",

@@ -82,7 +82,7 @@ class _Evictor:
     """Compacts the layers of one CompactedCache as their scores arrive, and measures the eviction."""
 
     def __init__(self, model, policy, budget, num_prompt: int, device: torch.device, max_new_tokens: int | None):
-        self.model, self.policy = model, make_policy(policy)
+        self.model, self.policy = model, make_policy(policy, model=model)
         self.parts = layer_parts(model)
         self.num_prompt, self.max_new_tokens = num_prompt, max_new_tokens
         num_layers = len(self.parts)
@@ -206,7 +206,8 @@ class GenerationResult:
     eviction: EvictionStats
 
 
-def _eos_ids(model) -> set[int]:
+def eos_ids(model) -> set[int]:
+    """The token ids that end a greedy answer (the generation config's EOS, one or several)."""
     eos = model.generation_config.eos_token_id
     if eos is None:
         return set()
@@ -262,11 +263,11 @@ def generate(
     input_ids = encode_prompt(tokenizer, prompt, chat, device)
     if input_ids.shape[0] != 1:
         raise ValueError(f"generate takes one prompt, got a batch of {input_ids.shape[0]}; use prefill_and_evict")
-    eviction = prefill_and_evict(model, input_ids, make_policy(policy, **policy_options), budget, max_new_tokens=max_new_tokens)
+    eviction = prefill_and_evict(model, input_ids, make_policy(policy, model=model, **policy_options), budget, max_new_tokens=max_new_tokens)
 
     first = eviction.next_logits.argmax(-1, keepdim=True)  # from the full prefill, as in full-cache decoding
     tokens = [int(first)]
-    if max_new_tokens > 1 and tokens[0] not in _eos_ids(model):
+    if max_new_tokens > 1 and tokens[0] not in eos_ids(model):
         ids = torch.cat([input_ids, first], dim=1)
         with ragged_masks(model):
             out = model.generate(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -123,6 +124,11 @@ class LookaheadModule(nn.Module):
         save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "lookaheadkv"})
         (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2, sort_keys=True, default=str))
         return directory
+
+    @classmethod
+    def shipped(cls, model) -> "LookaheadModule":
+        """The module shipped with this package for `model` (see `shipped_module_dir`), in eval mode."""
+        return cls.load(shipped_module_dir(model), model).eval()
 
     @classmethod
     def load(cls, directory: str | Path, model) -> "LookaheadModule":
@@ -296,3 +302,20 @@ def lookahead_stream(
         )
         all_scores.append(scores)
     return hidden, all_scores
+
+
+def shipped_modules_root() -> Path:
+    return Path(str(resources.files("lookaheadkv_kernels").joinpath("data", "modules")))
+
+
+def shipped_module_dir(model) -> Path:
+    """The directory of the lookahead module shipped for `model`, matched by its architecture hash."""
+    wanted = config_hash(model.config)
+    root = shipped_modules_root()
+    for config in sorted(root.glob(f"*/{CONFIG_FILE}")) if root.is_dir() else ():
+        if json.loads(config.read_text()).get("config_hash") == wanted:
+            return config.parent
+    raise FileNotFoundError(
+        f"no lookahead module for this model (config hash {wanted}) is shipped under {root}; "
+        "train one (lookaheadkv train) and load it with LookaheadModule.load(directory, model)"
+    )

@@ -409,12 +409,19 @@ POLICIES = {
 }
 
 
-def make_policy(policy, **kwargs) -> Policy:
-    """A Policy instance from an instance or a name ("snapkv", "snapkv-kvpress", "pyramidkv", ...)."""
+def make_policy(policy, model=None, **kwargs) -> Policy:
+    """A Policy instance from an instance or a name ("snapkv", "snapkv-kvpress", "pyramidkv", ...).
+
+    "lookaheadkv" without a `module` option loads the module shipped for `model`.
+    """
     if isinstance(policy, Policy):
         if kwargs:
             raise ValueError(f"policy options {sorted(kwargs)} given with a ready policy instance")
         return policy
+    if policy == "lookaheadkv" and "module" not in kwargs:
+        if model is None:
+            raise ValueError('policy "lookaheadkv" needs a module= option, or a model to find its shipped module')
+        kwargs["module"] = LookaheadModule.shipped(model)
     if policy == "snapkv-kvpress":
         return SnapKV.kvpress(**kwargs)
     if policy not in POLICIES:

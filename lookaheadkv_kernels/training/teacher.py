@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from ..runtime.eviction import _eos_ids, encode_prompt
+from ..runtime.eviction import encode_prompt, eos_ids
 from .data import Sample
 from .targets import answer_importance
 
@@ -59,7 +59,7 @@ def teach(model, prompts: list[torch.Tensor], max_new_tokens: int, *, store_kv: 
     the batch cache and its target computed on its own.
     """
     device = next(model.parameters()).device
-    eos = _eos_ids(model)
+    eos = eos_ids(model)
     pad = model.generation_config.pad_token_id
     pad = next(iter(eos)) if pad is None else pad
     longest = max(int(p.shape[0]) for p in prompts)
