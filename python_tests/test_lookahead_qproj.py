@@ -14,6 +14,10 @@ CASES = [
     (32, 256, 2, 128, 8, False, True),    # Qwen3-like q_norm + LoRA, 32 lookahead rows
     (7, 200, 4, 32, 4, True, True),       # everything, hidden not a multiple of 64
 ]
+# Few rows (LAQ projects one row per call): the CPU kernel takes its GEMV path for T <= 4.
+FEW_ROWS = [
+    (3, 200, 4, 32, 4, True, True),       # everything, hidden not a multiple of 32
+]
 
 
 def tolerance(backend, device, dtype):
@@ -65,7 +69,7 @@ def reference_q(x, weight, cos, sin, H, args):
 
 @pytest.mark.parametrize("backend,device", backend_cases())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("case", CASES + FEW_ROWS, ids=lambda c: "x".join(map(str, c)))
 def test_against_float64_reference(backend, device, dtype, case):
     require(backend, device)
     x, weight, cos, sin, H, args = make_inputs(case, dtype, device, seed=sum(case[:5]))
@@ -75,14 +79,29 @@ def test_against_float64_reference(backend, device, dtype, case):
 
 
 @pytest.mark.parametrize("backend,device", backend_cases())
-def test_non_contiguous_rows_and_bf16_lora_params(backend, device):
+@pytest.mark.parametrize("case", [CASES[3], FEW_ROWS[0]], ids=lambda c: "x".join(map(str, c)))
+def test_non_contiguous_rows_and_bf16_lora_params(backend, device, case):
     require(backend, device)
-    x, weight, cos, sin, H, args = make_inputs(CASES[3], torch.float32, device, seed=1, x_layout="padded")
+    x, weight, cos, sin, H, args = make_inputs(case, torch.float32, device, seed=1, x_layout="padded")
     weight = torch.cat([weight, weight], dim=1)[:, : weight.shape[1]]  # row stride 2*hidden
     args["lora_a"] = args["lora_a"].to(torch.bfloat16)
     assert not x.is_contiguous() and not weight.is_contiguous()
     q = lk.lookahead_qproj(x, weight, cos, sin, H, backend=backend, **args)
     assert_close(q, reference_q(x, weight, cos, sin, H, args), what="q", **tolerance(backend, device, torch.float32))
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T", [1, 2, 4, 5])
+def test_few_rows_at_smollm2_shapes(backend, device, dtype, T):
+    """SmolLM2-135M's query projection (9 heads of 64, hidden 576) with a LoRA, for a few rows: the
+    CPU kernel's GEMV path (T <= 4) and the lanes path just above it."""
+    require(backend, device)
+    case = (T, 576, 9, 64, 8, True, False)
+    x, weight, cos, sin, H, args = make_inputs(case, dtype, device, seed=T)
+    q = lk.lookahead_qproj(x, weight, cos, sin, H, backend=backend, **args)
+    assert q.dtype == dtype and q.shape == (T, H, 64)
+    assert_close(q, reference_q(x, weight, cos, sin, H, args), what="q", **tolerance(backend, device, dtype))
 
 
 BAD_INPUTS = [

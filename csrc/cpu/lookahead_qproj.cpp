@@ -1,12 +1,18 @@
 // lookahead_qproj on CPU (docs/ops.md §1): q = RoPE(RMSNorm?(x·Wᵀ + bias + s·(x·Aᵀ)·Bᵀ)).
 //
 // T (the lookahead rows, ~32) is small and W is large, so every W row is read from memory once:
-// the work items are query heads (D rows of W each). x is converted to fp32 and transposed once
-// (xt[h][t], the T rows in the vector lanes, shared by all threads); the micro-kernel of
-// gemm_tile.h broadcasts W[o][h] against xt[h][:], accumulating q[o][t] for kTileRows rows of W and
-// all T rows of x at once, in fp32 (fp32 W is read in place, half-precision W is converted in
-// chunks just before use). The head's [D, T] block then gets bias, LoRA, RMSNorm and RoPE and is
-// rounded once to x's dtype.
+// the work items are query heads (D rows of W each). Two ways to get a head's q[o][t] in fp32:
+// - T > kGemvMaxRows (lanes): x is converted to fp32 and transposed once (xt[h][t], the T rows in
+//   the vector lanes, padded to kLaneQuantum, shared by all threads); the micro-kernel of
+//   gemm_tile.h broadcasts W[o][h] against xt[h][:], accumulating q[o][t] for kTileRows rows of W
+//   and all T rows of x at once (fp32 W is read in place, half-precision W is converted in chunks
+//   just before use).
+// - T <= kGemvMaxRows (GEMV, e.g. LAQ's one-row calls): the lanes would be mostly padding (16 lanes
+//   for 1 row), so x stays in rows (fp32, [T][H]) and each W row is streamed once as dot products
+//   with those rows, vectorised along h (dot_rows).
+// The head's [D, T] block then gets bias, LoRA, RMSNorm and RoPE and is rounded once to x's dtype.
+// A row's result depends on which way it was computed (the sums are ordered differently), not on
+// the other rows of the call.
 #include <omp.h>
 
 #include <algorithm>
@@ -22,6 +28,11 @@ namespace lookaheadkv::cpu {
 namespace {
 
 constexpr int64_t kConvertChunk = 256;  // columns of half-precision W converted at a time
+// Up to this many rows of x the GEMV path is used. The lanes kernel costs the same for any T <= 16
+// (16 lanes), the GEMV path grows with T. Measured (1 thread, AVX-512), T = 1 / 4 by GEMV vs lanes:
+// SmolLM2 fp32 0.04 / 0.085 vs 0.13 ms, Llama-8B bf16 1.5 / 3.0 vs 5.7 ms: break-even ~6 rows.
+constexpr int64_t kGemvMaxRows = 4;
+constexpr int kDotLanes = 32;  // partial sums per (row of M, row of x) in dot_rows
 
 // dst[r][0, ld) = src row r (fp32), zero padded; rows in [nrows, total_rows) are zero.
 template <class Elem>
@@ -38,6 +49,50 @@ void load_padded(const Elem* src, int64_t row_stride, int64_t nrows, int64_t col
   }
 }
 
+// out[o*ldo + t] = Σ_k M[o][k]·x[t][k] for o < rows, t < NT: each row of M (any element type,
+// converted as it is read) is streamed once against the NT fp32 rows of x (row stride ldx),
+// vectorised along k into kDotLanes partial sums per (o, t) that are then added pairwise.
+template <int NT, class MElem>
+void dot_rows(int64_t rows, const MElem* m, int64_t m_row, int64_t K, const float* x, int64_t ldx, float* out,
+              int64_t ldo) {
+  for (int64_t o = 0; o < rows; ++o) {
+    const MElem* mrow = m + o * m_row;
+    float acc[NT][kDotLanes] = {};
+    int64_t k0 = 0;
+    const auto step = [&](int j) {
+      const float mv = to_float(mrow[k0 + j]);
+      for (int t = 0; t < NT; ++t) acc[t][j] += mv * x[t * ldx + k0 + j];
+    };
+    for (; k0 + kDotLanes <= K; k0 += kDotLanes) {
+#pragma omp simd
+      for (int j = 0; j < kDotLanes; ++j) step(j);
+    }
+    for (int j = 0; j < K - k0; ++j) step(j);
+    for (int t = 0; t < NT; ++t) {
+      for (int w = kDotLanes / 2; w > 0; w /= 2)
+        for (int j = 0; j < w; ++j) acc[t][j] += acc[t][j + w];
+      out[o * ldo + t] = acc[t][0];
+    }
+  }
+}
+
+// dot_rows for any number T of rows of x, kGemvMaxRows at a time.
+template <class MElem>
+void gemv(int64_t rows, const MElem* m, int64_t m_row, int64_t K, const float* x, int64_t ldx, int64_t T, float* out,
+          int64_t ldo) {
+  static_assert(kGemvMaxRows == 4, "dispatch below covers 1..4 rows");
+  for (int64_t t0 = 0; t0 < T; t0 += kGemvMaxRows) {
+    const float* xs = x + t0 * ldx;
+    float* os = out + t0;
+    switch (std::min(kGemvMaxRows, T - t0)) {
+      case 1: dot_rows<1>(rows, m, m_row, K, xs, ldx, os, ldo); break;
+      case 2: dot_rows<2>(rows, m, m_row, K, xs, ldx, os, ldo); break;
+      case 3: dot_rows<3>(rows, m, m_row, K, xs, ldx, os, ldo); break;
+      default: dot_rows<4>(rows, m, m_row, K, xs, ldx, os, ldo); break;
+    }
+  }
+}
+
 template <class Elem>
 void run(const QProjArgs& a) {
   const int64_t T = a.T, D = a.head_dim, H = a.hidden;
@@ -46,8 +101,10 @@ void run(const QProjArgs& a) {
   const int64_t rank = a.lora_a ? a.rank : 0;
   const int64_t rank_p = round_up(rank, kTileRows);
   const int threads = a.num_threads > 0 ? a.num_threads : omp_get_max_threads();
+  const bool use_gemv = T <= kGemvMaxRows;
 
-  FloatBuffer xt = alloc_floats(H * Tp);       // x transposed: xt[h][t], zero lanes t >= T
+  // x in fp32: transposed, xt[h][t] with zero lanes t >= T (lanes), or as rows [T][H] (GEMV)
+  FloatBuffer xt = alloc_floats(H * Tp);
   FloatBuffer xa = alloc_floats(rank_p * Tp);  // (x·Aᵀ) transposed: xa[r][t]
   // wbuf: rows of A or of W ([rank_p or kTileRows][H]), or a chunk of W ([kTileRows][kConvertChunk])
   const int64_t wbuf_floats = round_up(std::max({rank_p * H, kTileRows * H, kTileRows * kConvertChunk}), 16);
@@ -62,19 +119,28 @@ void run(const QProjArgs& a) {
     float* ones = q + round_up(D, 16);                                     // [Tp] rescale factors of 1
     std::fill(ones, ones + Tp, 1.0f);
 
+    if (use_gemv) {
+#pragma omp single
+      load_padded(static_cast<const Elem*>(a.x), a.x_row, T, H, xt.get(), H, T);
+    } else {
 #pragma omp for schedule(static)
-    for (int64_t h = 0; h < H; ++h) {
-      const Elem* col = static_cast<const Elem*>(a.x) + h;
-      float* dst = xt.get() + h * Tp;
-      for (int64_t t = 0; t < Tp; ++t) dst[t] = t < T ? to_float(col[t * a.x_row]) : 0.0f;
+      for (int64_t h = 0; h < H; ++h) {
+        const Elem* col = static_cast<const Elem*>(a.x) + h;
+        float* dst = xt.get() + h * Tp;
+        for (int64_t t = 0; t < Tp; ++t) dst[t] = t < T ? to_float(col[t * a.x_row]) : 0.0f;
+      }
     }
 
     if (rank > 0) {
       // xa[r][t] = A[r]·x[t]: one work item (A is a few rows); the others wait at the barrier.
 #pragma omp single
       {
-        load_padded(a.lora_a, H, rank, H, wbuf, H, rank_p);
-        gemm_lanes<false>(rank_p, Tp, H, wbuf, H, 1, xt.get(), Tp, xa.get(), Tp, nullptr);
+        if (use_gemv) {
+          gemv(rank, a.lora_a, H, H, xt.get(), H, T, xa.get(), Tp);
+        } else {
+          load_padded(a.lora_a, H, rank, H, wbuf, H, rank_p);
+          gemm_lanes<false>(rank_p, Tp, H, wbuf, H, 1, xt.get(), Tp, xa.get(), Tp, nullptr);
+        }
       }
     }
 
@@ -82,7 +148,9 @@ void run(const QProjArgs& a) {
     for (int64_t head = 0; head < a.num_heads; ++head) {
       const int64_t f0 = head * D;  // first output feature of the head
       const Elem* w_head = static_cast<const Elem*>(a.weight) + f0 * a.w_row;
-      if constexpr (std::is_same_v<Elem, float>) {
+      if (use_gemv) {
+        gemv(D, w_head, a.w_row, H, xt.get(), H, T, qbuf, Tp);
+      } else if constexpr (std::is_same_v<Elem, float>) {
         // fp32 W is read in place by the micro-kernel, so its memory traffic overlaps the FMAs
         // (a separate conversion pass stalls on it: 1.7x slower, measured); only a partial last
         // tile of rows goes through a zero-padded copy.
