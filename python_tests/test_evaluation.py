@@ -211,6 +211,8 @@ def test_evaluation_resumes_and_reports(tmp_path, tokenizer):
     harness.evaluate(model, tokenizer, samples, policies, budgets + [128], resumed, progress=False)
     assert len((tmp_path / "eval_t.jsonl").read_text().splitlines()) == len(lines) + 2 * 2  # only the new budget
 
+    runs = [{"command": "lookaheadkv eval --budgets 40,64", "module": None}, {"command": "lookaheadkv eval --budgets 128", "module": None}]
+    (tmp_path / "eval_t.meta.json").write_text(json.dumps({"runs": runs}))
     written = report.write_report(
         resumed, tmp_path, "t", budgets=budgets, policies=policies, lengths=[300], tasks=["niah_single", "variable_tracking"]
     )
@@ -218,6 +220,7 @@ def test_evaluation_resumes_and_reports(tmp_path, tokenizer):
     assert {"eval_t.csv", "eval_t.md"} <= names
     markdown = (tmp_path / "eval_t.md").read_text()
     assert "| full cache |" in markdown and "| snapkv |" in markdown
+    assert "`lookaheadkv eval --budgets 40,64`" in markdown and "`lookaheadkv eval --budgets 128`" in markdown  # every run named
     rows = (tmp_path / "eval_t.csv").read_text().splitlines()
     assert rows[0].startswith("policy,budget,length,task") and len(rows) == 1 + 5 * 3  # (policy, budget) x (2 tasks + mean)
 

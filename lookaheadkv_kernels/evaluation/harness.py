@@ -199,14 +199,18 @@ def main(argv=None) -> int:
             f"results -> {jsonl}",
             file=sys.stderr,
         )
+        continuing = bool(store.records)  # earlier runs' records stay; so does their line in the meta file
         evaluate(model, tokenizer, samples, policies, budgets, store, module=module, progress=not args.no_progress)
-        meta = {
+        run = {
             "command": "lookaheadkv eval " + " ".join(argv if argv is not None else sys.argv[1:]),
             "model": args.model, "module": str(module_dir) if module_dir else None, "seed": args.seed,
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - start, 1),
         }
-        (args.out / f"eval_{name}.meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        meta_path = args.out / f"eval_{name}.meta.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() and continuing else {}
+        runs = meta.get("runs", [meta] if meta else [])  # one entry per run that added to this results file
+        meta_path.write_text(json.dumps({"runs": runs + [run]}, indent=2) + "\n")
     written = write_report(
         store, args.out, args.report_name or name, budgets=budgets, policies=policies, lengths=lengths, tasks=tasks,
         meta_name=name,

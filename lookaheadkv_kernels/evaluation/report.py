@@ -85,9 +85,12 @@ def write_csv(table: Table, path: Path, policies, budgets, lengths, tasks):
 def markdown(table: Table, meta: dict, policies, budgets, lengths, tasks) -> str:
     main = MAIN_BUDGET if MAIN_BUDGET in budgets else budgets[0]
     lines = []
-    if meta:
-        lines += [f"Command: `{meta.get('command')}`  ", f"Lookahead module: `{meta.get('module')}`; seed {meta.get('seed')}; "
-                  f"{meta.get('threads')} CPU threads; {meta.get('seconds')} s.", ""]
+    runs = meta.get("runs", [meta] if meta else [])
+    if runs:
+        lines += ["Produced by these runs of the results file, in order (a later run adds only missing records):", ""]
+        lines += [f"- `{run.get('command')}` — module `{run.get('module')}`; seed {run.get('seed')}; "
+                  f"{run.get('threads')} CPU threads; {run.get('seconds')} s" for run in runs]
+        lines += [""]
     count = {n: len({r['uid'] for rs in table.cells.values() for r in rs if r['length'] == n}) for n in lengths}
     lines += [f"Samples per length: {', '.join(f'{n}: {count[n]}' for n in lengths)} ({len(tasks)} tasks).", ""]
 

@@ -299,7 +299,9 @@ class LookaheadKV(Policy):
     """LookaheadKV: the learned lookahead rows' attention to the prompt keys is the importance.
 
     `recent` prompt tokens at the end are always kept (0 by default: the lookahead rows score every
-    key); GQA mean and no pooling by default (the training target is unpooled).
+    key). GQA mean (what training fits) and avg-pool 5 by default: pooling is not part of training,
+    but on held-apart prompts of the evaluation tasks it keeps the full-cache answer likelier than no
+    pooling, max-pooling or GQA max at budgets 64-256 (bench/results/lookaheadkv_scoring_sweep.md).
     """
 
     name = "lookaheadkv"
@@ -308,8 +310,8 @@ class LookaheadKV(Policy):
         self,
         module: LookaheadModule,
         gqa_reduce: str = "mean",
-        pool_kernel: int = 1,
-        pool_type: str = "max",
+        pool_kernel: int = 5,
+        pool_type: str = "avg",
         recent: int = 0,
         num_sink: int = DEFAULT_NUM_SINK,
     ):

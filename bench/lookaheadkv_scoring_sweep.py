@@ -1,0 +1,116 @@
+"""Which pooling / GQA reduction should LookaheadKV's scores use? A measured sweep on SmolLM2.
+
+The end-task scores of a 135M model at small budgets are mostly 0 or 100, too coarse to rank
+scoring variants on a few prompts; this sweep measures something finer: the mean negative
+log-likelihood per token of the full-cache greedy answer, teacher-forced on each evicted cache
+(0 would be "the evicted cache predicts exactly what the full cache predicts"; Oracle, which scores
+with that very answer, is the floor). Tuning split: evaluation-suite samples with index >= 1 — the
+reported suite (`lookaheadkv eval`) uses index 0 only, so the choice is not made on the test
+prompts. Resumable (one JSON line per prompt); ~15 min on one CPU core for the default grid:
+
+    python bench/lookaheadkv_scoring_sweep.py --out bench/results/lookaheadkv_scoring_sweep.jsonl \
+        > bench/results/lookaheadkv_scoring_sweep.md
+"""
+
+import argparse
+import json
+import sys
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from lookaheadkv_kernels.evaluation.policies import load_lookahead
+from lookaheadkv_kernels.evaluation.replay import capture_prefill, decode, evict
+from lookaheadkv_kernels.evaluation.tasks import DEFAULT_SEED, TASKS, make_sample, prompt_ids
+from lookaheadkv_kernels.runtime import LookaheadKV, Oracle, SnapKV, load_model, ragged_masks
+
+VARIANTS = {  # name: LookaheadKV options (pool_kernel, pool_type, gqa_reduce)
+    "none": dict(pool_kernel=1),
+    "max-pool 3": dict(pool_kernel=3, pool_type="max"),
+    "max-pool 7": dict(pool_kernel=7, pool_type="max"),
+    "max-pool 11": dict(pool_kernel=11, pool_type="max"),
+    "avg-pool 5": dict(pool_kernel=5, pool_type="avg"),
+    "GQA max": dict(pool_kernel=1, gqa_reduce="max"),
+    "GQA max + max-pool 7": dict(pool_kernel=7, pool_type="max", gqa_reduce="max"),
+}
+REFERENCES = {"SnapKV (paper config)": SnapKV, "Oracle": Oracle}
+
+
+@torch.no_grad()
+def answer_nll(model, cache, answer: torch.Tensor) -> float:
+    """Mean NLL of answer[1:] given answer[:-1] on `cache` (answer[0] comes from the full prefill for every policy)."""
+    with ragged_masks(model):
+        logits = model(input_ids=answer[:, :-1], past_key_values=cache, use_cache=True).logits[0].float()
+    return float(-torch.log_softmax(logits, -1).gather(-1, answer[0, 1:, None]).mean())
+
+
+def run(args) -> None:
+    model, tokenizer = load_model("smollm2")
+    module, _ = load_lookahead(model, args.module)
+    policies = {name: LookaheadKV(module, **options) for name, options in VARIANTS.items()}
+    policies.update({name: cls() for name, cls in REFERENCES.items()})
+    done = {json.loads(line)["uid"] for line in args.out.read_text().splitlines()} if args.out.is_file() else set()
+    with args.out.open("a") as out:
+        for length in args.lengths:
+            for index in args.indices:
+                for task in TASKS:
+                    sample = make_sample(task, length, index, tokenizer, DEFAULT_SEED)
+                    if sample.uid in done:
+                        continue
+                    prefill = capture_prefill(model, torch.tensor([prompt_ids(sample, tokenizer)]))
+                    continuation = decode(model, prefill, prefill.full_cache(), max(sample.max_new_tokens, 32))
+                    answer = continuation[:, : max(2, min(sample.max_new_tokens, continuation.shape[1]))]
+                    record = {"uid": sample.uid, "length": length, "nll": {}}
+                    for budget in args.budgets:
+                        for name, policy in policies.items():
+                            replay = evict(model, prefill, policy, budget, max_new_tokens=sample.max_new_tokens, continuation=continuation)
+                            record["nll"][f"{name}@{budget}"] = answer_nll(model, replay.cache, answer)
+                    out.write(json.dumps(record) + "\n")
+                    out.flush()
+                    print(sample.uid, file=sys.stderr)
+
+
+def report(args) -> str:
+    records = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
+    names = list(VARIANTS) + list(REFERENCES)
+    budgets = sorted({int(key.rsplit("@", 1)[1]) for r in records for key in r["nll"]})
+    groups = defaultdict(list)
+    for r in records:
+        groups[f"{r['length']} tokens"].append(r)
+        groups["all"].append(r)
+    lines = [
+        "# LookaheadKV scoring variants on SmolLM2 (`bench/lookaheadkv_scoring_sweep.py`)",
+        "",
+        f"Mean NLL per token of the full-cache greedy answer, teacher-forced on the evicted cache (lower is "
+        f"better); {len(records)} tuning prompts (evaluation-suite tasks, sample indices {sorted(set(args.indices))}, "
+        f"disjoint from the reported suite's index 0); module `{args.module or 'shipped'}`.",
+    ]
+    for group, rows in groups.items():
+        lines += ["", f"### {group} ({len(rows)} prompts)", "", "| LookaheadKV scoring | " + " | ".join(f"budget {b}" for b in budgets) + " |",
+                  "|---|" + "---|" * len(budgets)]
+        for name in names:
+            cells = [sum(r["nll"][f"{name}@{b}"] for r in rows) / len(rows) for b in budgets]
+            lines.append(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="JSONL of per-prompt results (appended, resumable)")
+    parser.add_argument("--module", default=None, help="lookahead module directory (default: the shipped one)")
+    parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 2048])
+    parser.add_argument("--indices", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
+    parser.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=[64, 128, 256])
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    if not args.report_only:
+        run(args)
+    print(report(args), end="")
+
+
+if __name__ == "__main__":
+    main()
