@@ -77,9 +77,9 @@ def report(args) -> str:
     names = list(VARIANTS) + list(REFERENCES)
     budgets = sorted({int(key.rsplit("@", 1)[1]) for r in records for key in r["nll"]})
     groups = defaultdict(list)
-    for r in records:
+    for r in sorted(records, key=lambda r: r["length"]):
         groups[f"{r['length']} tokens"].append(r)
-        groups["all"].append(r)
+    groups["all lengths"] = records
     lines = [
         "# LookaheadKV scoring variants on SmolLM2 (`bench/lookaheadkv_scoring_sweep.py`)",
         "",
