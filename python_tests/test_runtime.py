@@ -412,6 +412,16 @@ def test_policy_names_and_options():
         generate(model, None, ids, policy=SpecKV(draft_model=tiny_model("llama", vocab_size=64)), budget=36)
 
 
+def test_transformers_outside_the_supported_range_is_a_clear_import_error():
+    from lookaheadkv_kernels.runtime.compat import check_transformers
+
+    for good in ("5.0.0", "5.2.0", "5.2.1"):
+        check_transformers(good)
+    for bad in ("4.56.2", "4.57.6", "5.3.0", "6.0.0"):
+        with pytest.raises(ImportError, match=r"transformers>=5\.0,<5\.3, found " + bad.replace(".", r"\.")):
+            check_transformers(bad)
+
+
 def test_missing_smollm2_package_names_the_install_command(monkeypatch):
     import importlib.metadata
 

@@ -11,8 +11,12 @@ and compacts through `select_compact`. `prefill_and_evict` (prefill + evict) and
 (evict a cache the caller prefilled) are the lower-level entries for runtimes that decode themselves. Needs the `runtime` extra (transformers, safetensors, gguf).
 """
 
-from .cache import CompactedCache, CompactedLayer, ragged_masks
-from .eviction import (
+from .compat import check_transformers
+
+check_transformers()
+
+from .cache import CompactedCache, CompactedLayer, ragged_masks  # noqa: E402
+from .eviction import (  # noqa: E402
     Eviction,
     EvictionStats,
     GenerationResult,
@@ -23,9 +27,9 @@ from .eviction import (
     prefill_and_evict,
     resolve_budget,
 )
-from .lookahead import LookaheadConfig, LookaheadModule, lookahead_stream
+from .lookahead import LookaheadConfig, LookaheadModule, lookahead_stream  # noqa: E402
 from .models import SMOLLM2_INSTALL, UnsupportedModelError, cache_dir, load_model, smollm2_checkpoint
-from .policies import (
+from .policies import (  # noqa: E402
     LAQ,
     POLICIES,
     KNorm,
