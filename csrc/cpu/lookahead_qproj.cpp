@@ -76,20 +76,16 @@ void dot_rows(int64_t rows, const MElem* m, int64_t m_row, int64_t K, const floa
   }
 }
 
-// dot_rows for any number T of rows of x, kGemvMaxRows at a time.
+// dot_rows for the T (1..kGemvMaxRows) rows of x of a GEMV call.
 template <class MElem>
 void gemv(int64_t rows, const MElem* m, int64_t m_row, int64_t K, const float* x, int64_t ldx, int64_t T, float* out,
           int64_t ldo) {
   static_assert(kGemvMaxRows == 4, "dispatch below covers 1..4 rows");
-  for (int64_t t0 = 0; t0 < T; t0 += kGemvMaxRows) {
-    const float* xs = x + t0 * ldx;
-    float* os = out + t0;
-    switch (std::min(kGemvMaxRows, T - t0)) {
-      case 1: dot_rows<1>(rows, m, m_row, K, xs, ldx, os, ldo); break;
-      case 2: dot_rows<2>(rows, m, m_row, K, xs, ldx, os, ldo); break;
-      case 3: dot_rows<3>(rows, m, m_row, K, xs, ldx, os, ldo); break;
-      default: dot_rows<4>(rows, m, m_row, K, xs, ldx, os, ldo); break;
-    }
+  switch (T) {
+    case 1: dot_rows<1>(rows, m, m_row, K, x, ldx, out, ldo); break;
+    case 2: dot_rows<2>(rows, m, m_row, K, x, ldx, out, ldo); break;
+    case 3: dot_rows<3>(rows, m, m_row, K, x, ldx, out, ldo); break;
+    case 4: dot_rows<4>(rows, m, m_row, K, x, ldx, out, ldo); break;
   }
 }
 
