@@ -20,6 +20,7 @@ from lookaheadkv_kernels.training import (  # noqa: E402
     make_samples,
     normalise,
     record_loss,
+    target_and_prediction,
     teach,
     topk_recall,
 )
@@ -27,6 +28,7 @@ from lookaheadkv_kernels.training import data as data_module  # noqa: E402
 from lookaheadkv_kernels.training.teacher import write_record  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
+from lookaheadkv_kernels.runtime.lookahead import lookahead_stream  # noqa: E402
 from lookaheadkv_kernels.training.targets import answer_importance  # noqa: E402
 
 VOCAB = 96
@@ -117,7 +119,7 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch(model, records, tmp_path):
 
     def batch_loss():
         with torch.no_grad():
-            return sum(float(record_loss(model, trainer.module, r, "cpu")) for r in batch) / len(batch)
+            return sum(float(record_loss(model, trainer.module, r, trainer.config, "cpu")) for r in batch) / len(batch)
 
     before = batch_loss()
     reported = trainer.train_step()  # batch_size = all six records: the step's batch is this fixed batch
@@ -127,7 +129,7 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch(model, records, tmp_path):
 
 def test_only_lookahead_parameters_get_gradients(model, records, tmp_path):
     trainer = make_trainer(model, records, tmp_path)
-    loss = record_loss(model, trainer.module, load_record(records[0][0]), "cpu")
+    loss = record_loss(model, trainer.module, load_record(records[0][0]), trainer.config, "cpu")
     loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in model.parameters())
     grads = {name: p.grad for name, p in trainer.module.named_parameters()}
@@ -175,6 +177,21 @@ def test_resume_refuses_other_settings(model, records, tmp_path):
     other = make_trainer(model, records, tmp_path, lr=1e-3)
     with pytest.raises(ValueError, match="lr"):
         other.load_checkpoint()
+
+
+def test_loss_leaves_out_the_kept_sink_and_recent_keys(model, records, tmp_path):
+    trainer = make_trainer(model, records, tmp_path, num_sink=2, recent=3)
+    record = load_record(records[0][0])
+    with torch.no_grad():
+        target, predicted = target_and_prediction(model, trainer.module, record, trainer.config, "cpu")
+        _, scores = lookahead_stream(model, trainer.module, record.prompt_kv("cpu"))
+        loss = record_loss(model, trainer.module, record, trainer.config, "cpu")
+    inner = slice(2, record.num_prompt - 3)
+    expected_target = record.importance[..., inner] / record.importance[..., inner].sum(-1, keepdim=True)
+    full = torch.stack([s[0] for s in scores])[..., inner]
+    torch.testing.assert_close(target, expected_target)
+    torch.testing.assert_close(predicted, full / full.sum(-1, keepdim=True))
+    torch.testing.assert_close(loss, kl_divergence(expected_target, predicted).mean())
 
 
 def test_validation_reports_kl_and_recall(model, records, tmp_path):

@@ -12,11 +12,11 @@ on the held-out split against the baselines.
 from .data import SPLITS, TASKS, Sample, make_samples
 from .targets import answer_importance, kept_recall, kl_divergence, normalise, topk_recall
 from .teacher import TeacherRecord, build_records, load_record, teach
-from .trainer import History, TrainConfig, Trainer, record_loss, validate
+from .trainer import History, TrainConfig, Trainer, record_loss, target_and_prediction, validate
 
 __all__ = [
     "SPLITS", "TASKS", "Sample", "make_samples",
     "answer_importance", "kept_recall", "kl_divergence", "normalise", "topk_recall",
     "TeacherRecord", "build_records", "load_record", "teach",
-    "History", "TrainConfig", "Trainer", "record_loss", "validate",
+    "History", "TrainConfig", "Trainer", "record_loss", "target_and_prediction", "validate",
 ]

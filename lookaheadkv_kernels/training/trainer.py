@@ -4,7 +4,10 @@ Loss of one prompt: KL(true ‖ predicted) averaged over layers and KV heads, wh
 lookahead rows' scores of the prompt keys (`lookahead_stream`, GQA mean, no pooling — what the
 LookaheadKV policy scores with) renormalised over the prompt. The base model is frozen; the
 prompt's K/V come from the record (computed once without gradients), so gradients reach only the
-lookahead embeddings and LoRA, through the lookahead rows. A batch averages the loss of
+lookahead embeddings and LoRA, through the lookahead rows. With `num_sink` / `recent` > 0 the first
+and last keys (the ones the LookaheadKV policy keeps whatever their score) are left out and both
+distributions renormalised over the keys between, so the loss spends itself on the ranking the
+policy actually uses. A batch averages the loss of
 `batch_size` prompts (one at a time: prompts differ in length).
 
 AdamW with linear warm-up then cosine decay to `final_lr_ratio`, gradient-norm clipping. The order
@@ -49,13 +52,15 @@ class TrainConfig:
     eval_every: int = 25  # steps between validations (and at the end); 0 = only at the end
     checkpoint_every: int = 10  # steps between checkpoints (and at the end)
     budgets: tuple[int, ...] = (64, 128, 256, 512)
+    num_sink: int = 0  # leading keys left out of the loss and the validation measures
+    recent: int = 0  # trailing keys left out likewise
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "n_lookahead", "rank"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "num_sink", "recent"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not (self.lr > 0 and 0 <= self.final_lr_ratio <= 1 and self.clip_norm > 0):
@@ -63,25 +68,29 @@ class TrainConfig:
         self.budgets = tuple(int(b) for b in self.budgets)
 
 
-def record_loss(model, module: LookaheadModule, record: TeacherRecord, device) -> torch.Tensor:
-    """Mean over layers and KV heads of KL(record's importance ‖ lookahead prediction)."""
+def target_and_prediction(model, module: LookaheadModule, record: TeacherRecord, config: TrainConfig, device):
+    """(target, predicted) [L, Hkv, K]: distributions over the K = P - num_sink - recent scored keys."""
     _, scores = lookahead_stream(model, module, record.prompt_kv(device))
-    predicted = normalise(torch.stack([s[0] for s in scores]))  # [L, Hkv, P]
-    return kl_divergence(record.importance.to(device), predicted).mean()
+    keys = slice(config.num_sink, record.num_prompt - config.recent)
+    predicted = normalise(torch.stack([s[0] for s in scores])[..., keys])
+    return normalise(record.importance.to(device)[..., keys]), predicted
+
+
+def record_loss(model, module: LookaheadModule, record: TeacherRecord, config: TrainConfig, device) -> torch.Tensor:
+    """Mean over layers and KV heads of KL(record's importance ‖ lookahead prediction)."""
+    return kl_divergence(*target_and_prediction(model, module, record, config, device)).mean()
 
 
 @torch.no_grad()
-def validate(model, module: LookaheadModule, records: list[TeacherRecord], budgets, device) -> dict[str, float]:
+def validate(model, module: LookaheadModule, records: list[TeacherRecord], config: TrainConfig, device) -> dict[str, float]:
     """Mean KL and recall@budget (of the true top-budget keys among the predicted top-budget keys,
-    mean over layers and heads, then over the records whose prompt is longer than the budget)."""
-    kls, recalls = [], {b: [] for b in budgets}
+    mean over layers and heads, then over the records with more scored keys than the budget)."""
+    kls, recalls = [], {b: [] for b in config.budgets}
     for record in records:
-        _, scores = lookahead_stream(model, module, record.prompt_kv(device))
-        predicted = normalise(torch.stack([s[0] for s in scores]))
-        target = record.importance.to(device)
+        target, predicted = target_and_prediction(model, module, record, config, device)
         kls.append(float(kl_divergence(target, predicted).mean()))
-        for b in budgets:
-            if b < record.num_prompt:
+        for b in config.budgets:
+            if b < target.shape[-1]:
                 recalls[b].append(float(topk_recall(predicted, target, b).mean()))
     metrics = {"kl": sum(kls) / len(kls)}
     metrics.update({f"recall@{b}": sum(v) / len(v) for b, v in recalls.items() if v})
@@ -173,7 +182,7 @@ class Trainer:
         if not self.checkpoint_path.is_file():
             return False
         state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
-        saved, current = state["config"], asdict(self.config)
+        saved, current = {**asdict(TrainConfig()), **state["config"]}, asdict(self.config)  # fields added later: defaults
         schedule_free = {"eval_every", "checkpoint_every"}  # the only settings a resumed run may change
         differing = {k: (saved.get(k), v) for k, v in current.items() if k not in schedule_free and saved.get(k) != v}
         if differing:
@@ -194,7 +203,7 @@ class Trainer:
         indices = record_order(len(self.train_paths), self.config.seed, self.step, self.config.batch_size)
         total = 0.0
         for i in indices:
-            loss = record_loss(self.model, self.module, load_record(self.train_paths[i]), self.device)
+            loss = record_loss(self.model, self.module, load_record(self.train_paths[i]), self.config, self.device)
             (loss / len(indices)).backward()
             total += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.config.clip_norm)
@@ -207,7 +216,7 @@ class Trainer:
 
     def validate(self) -> dict:
         self.module.eval()
-        metrics = {"step": self.step, **validate(self.model, self.module, self.val_records, self.config.budgets, self.device)}
+        metrics = {"step": self.step, **validate(self.model, self.module, self.val_records, self.config, self.device)}
         self.history.validations.append(metrics)
         return metrics
 
