@@ -6,7 +6,8 @@ log-likelihood per token of the full-cache greedy answer, teacher-forced on each
 (0 would be "the evicted cache predicts exactly what the full cache predicts"; Oracle, which scores
 with that very answer, is the floor). Tuning split: evaluation-suite samples with index >= 1 — the
 reported suite (`lookaheadkv eval`) uses index 0 only, so the choice is not made on the test
-prompts. Resumable (one JSON line per prompt); ~15 min on one CPU core for the default grid:
+prompts. Resumable (one JSON line per prompt; a run measures only the (variant, budget) pairs a prompt's
+line lacks, so new variants extend an existing file); ~15 min on one CPU core for the default grid:
 
     python bench/lookaheadkv_scoring_sweep.py --out bench/results/lookaheadkv_scoring_sweep.jsonl \
         > bench/results/lookaheadkv_scoring_sweep.md
@@ -26,7 +27,7 @@ from lookaheadkv_kernels.evaluation.replay import capture_prefill, decode, evict
 from lookaheadkv_kernels.evaluation.tasks import DEFAULT_SEED, TASKS, make_sample, prompt_ids
 from lookaheadkv_kernels.runtime import LookaheadKV, Oracle, SnapKV, load_model, ragged_masks
 
-VARIANTS = {  # name: LookaheadKV options (pool_kernel, pool_type, gqa_reduce)
+VARIANTS = {  # name: LookaheadKV options (pool_kernel, pool_type, gqa_reduce, recent)
     "none": dict(pool_kernel=1),
     "max-pool 3": dict(pool_kernel=3, pool_type="max"),
     "max-pool 7": dict(pool_kernel=7, pool_type="max"),
@@ -34,6 +35,8 @@ VARIANTS = {  # name: LookaheadKV options (pool_kernel, pool_type, gqa_reduce)
     "avg-pool 5": dict(pool_kernel=5, pool_type="avg"),
     "GQA max": dict(pool_kernel=1, gqa_reduce="max"),
     "GQA max + max-pool 7": dict(pool_kernel=7, pool_type="max", gqa_reduce="max"),
+    "avg-pool 5 + recent 16": dict(pool_kernel=5, pool_type="avg", recent=16),
+    "avg-pool 5 + recent 32": dict(pool_kernel=5, pool_type="avg", recent=32),
 }
 REFERENCES = {"SnapKV (paper config)": SnapKV, "Oracle": Oracle}
 
@@ -46,34 +49,39 @@ def answer_nll(model, cache, answer: torch.Tensor) -> float:
     return float(-torch.log_softmax(logits, -1).gather(-1, answer[0, 1:, None]).mean())
 
 
+def load_records(path: Path) -> dict[str, dict]:
+    return {r["uid"]: r for r in map(json.loads, path.read_text().splitlines()) if r} if path.is_file() else {}
+
+
 def run(args) -> None:
+    """Measure every (policy, budget) a prompt's record lacks; a new variant extends the existing records."""
     model, tokenizer = load_model("smollm2")
     module, _ = load_lookahead(model, args.module)
-    policies = {name: LookaheadKV(module, **options) for name, options in VARIANTS.items()}
+    policies = {name: LookaheadKV(module, **VARIANTS[name]) for name in args.variants}
     policies.update({name: cls() for name, cls in REFERENCES.items()})
-    done = {json.loads(line)["uid"] for line in args.out.read_text().splitlines()} if args.out.is_file() else set()
-    with args.out.open("a") as out:
-        for length in args.lengths:
-            for index in args.indices:
-                for task in TASKS:
-                    sample = make_sample(task, length, index, tokenizer, DEFAULT_SEED)
-                    if sample.uid in done:
-                        continue
-                    prefill = capture_prefill(model, torch.tensor([prompt_ids(sample, tokenizer)]))
-                    continuation = decode(model, prefill, prefill.full_cache(), max(sample.max_new_tokens, 32))
-                    answer = continuation[:, : max(2, min(sample.max_new_tokens, continuation.shape[1]))]
-                    record = {"uid": sample.uid, "length": length, "nll": {}}
-                    for budget in args.budgets:
-                        for name, policy in policies.items():
-                            replay = evict(model, prefill, policy, budget, max_new_tokens=sample.max_new_tokens, continuation=continuation)
-                            record["nll"][f"{name}@{budget}"] = answer_nll(model, replay.cache, answer)
-                    out.write(json.dumps(record) + "\n")
-                    out.flush()
-                    print(sample.uid, file=sys.stderr)
+    records = load_records(args.out)
+    for length in args.lengths:
+        for index in args.indices:
+            for task in TASKS:
+                sample = make_sample(task, length, index, tokenizer, DEFAULT_SEED)
+                record = records.setdefault(sample.uid, {"uid": sample.uid, "length": length, "nll": {}})
+                missing = [(name, b) for b in args.budgets for name in policies if f"{name}@{b}" not in record["nll"]]
+                if not missing:
+                    continue
+                prefill = capture_prefill(model, torch.tensor([prompt_ids(sample, tokenizer)]))
+                continuation = decode(model, prefill, prefill.full_cache(), max(sample.max_new_tokens, 32))
+                answer = continuation[:, : max(2, min(sample.max_new_tokens, continuation.shape[1]))]
+                for name, budget in missing:
+                    replay = evict(model, prefill, policies[name], budget, max_new_tokens=sample.max_new_tokens, continuation=continuation)
+                    record["nll"][f"{name}@{budget}"] = answer_nll(model, replay.cache, answer)
+                tmp = args.out.with_suffix(".tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in records.values()))
+                tmp.replace(args.out)
+                print(sample.uid, file=sys.stderr)
 
 
 def report(args) -> str:
-    records = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
+    records = list(load_records(args.out).values())
     names = list(VARIANTS) + list(REFERENCES)
     budgets = sorted({int(key.rsplit("@", 1)[1]) for r in records for key in r["nll"]})
     groups = defaultdict(list)
@@ -91,6 +99,8 @@ def report(args) -> str:
         lines += ["", f"### {group} ({len(rows)} prompts)", "", "| LookaheadKV scoring | " + " | ".join(f"budget {b}" for b in budgets) + " |",
                   "|---|" + "---|" * len(budgets)]
         for name in names:
+            if any(f"{name}@{b}" not in r["nll"] for r in rows for b in budgets):
+                continue  # a variant not measured on every prompt of the group
             cells = [sum(r["nll"][f"{name}@{b}"] for r in rows) / len(rows) for b in budgets]
             lines.append(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
     return "\n".join(lines) + "\n"
@@ -103,8 +113,12 @@ def main() -> None:
     parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 2048])
     parser.add_argument("--indices", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
     parser.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=[64, 128, 256])
+    parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS),
+                        help=f"comma-separated LookaheadKV variants to measure (default: all of {list(VARIANTS)})")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
+    if set(args.variants) - set(VARIANTS):
+        parser.error(f"--variants: unknown {sorted(set(args.variants) - set(VARIANTS))}; choose from {list(VARIANTS)}")
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     if not args.report_only:

@@ -194,6 +194,16 @@ def test_loss_leaves_out_the_kept_sink_and_recent_keys(model, records, tmp_path)
     torch.testing.assert_close(loss, kl_divergence(expected_target, predicted).mean())
 
 
+def test_checkpoint_from_before_the_sink_setting_resumes_as_all_keys(model, records, tmp_path):
+    make_trainer(model, records, tmp_path, num_sink=0).run(until=1)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    del state["config"]["num_sink"], state["config"]["recent"]  # as written before the settings existed
+    torch.save(state, tmp_path / "checkpoint.pt")
+    assert make_trainer(model, records, tmp_path, num_sink=0).load_checkpoint()
+    with pytest.raises(ValueError, match="num_sink"):
+        make_trainer(model, records, tmp_path).load_checkpoint()  # the default, 4 sinks, is another loss
+
+
 def test_validation_reports_kl_and_recall(model, records, tmp_path):
     metrics = make_trainer(model, records, tmp_path).validate()
     assert metrics["step"] == 0 and metrics["kl"] >= 0
