@@ -338,3 +338,17 @@ def test_report_rows_resume_and_summarise(model, records, tmp_path):
         row["length_target"] = 64
     text = markdown(recall, kl, second, (8, 16), {"lengths": [64], "answer_tokens": 6, "command": "test"})
     assert "| lookaheadkv |" in text and "recall@16" in text
+
+
+def test_report_kl_is_the_training_loss(model, records, tmp_path):
+    """The report's KL is what the trainer minimises by default (4 sinks left out), on the same record."""
+    from lookaheadkv_kernels.runtime import LookaheadModule
+    from lookaheadkv_kernels.training.report import evaluate
+
+    module = LookaheadModule(model, n_lookahead=4, rank=2, seed=3)
+    torch.nn.init.normal_(module.lora_pair(0, "q")[1], std=0.05)  # a non-trivial module (LoRA B starts at 0)
+    [row] = evaluate(model, records[0][:1], {}, {"lookaheadkv": module}, (8,), tmp_path, progress=False)
+    with torch.no_grad():
+        loss = record_loss(model, module, load_record(records[0][0]), TrainConfig(), "cpu")
+    # The report scores on its own float32 prefill, the trainer on the record's float16 K/V.
+    assert row["kl"]["lookaheadkv"] == pytest.approx(float(loss), rel=2e-3)

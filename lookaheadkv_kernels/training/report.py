@@ -119,7 +119,8 @@ def module_part(model, record, modules: dict, budgets, kv_path: Path, row: dict)
     layers = kv_only_inputs(model, saved["keys"], saved["values"])
     oracle = record.importance.to(device)
     for name, module in modules.items():
-        # Recall: the policy as users get it (its default pooling). KL: the unpooled scores training fits.
+        # Recall: the policy as users get it (its default pooling). KL: what training fits by default —
+        # unpooled scores, over the keys after the policy's protected sinks, both renormalised.
         # Scores do not depend on the budget: score once, compact per budget.
         policy = LookaheadKV(module)
         scores = policy_scores(model, layers, None, policy, [n] * len(layers), n)
@@ -128,8 +129,9 @@ def module_part(model, record, modules: dict, budgets, kv_path: Path, row: dict)
             for b in budgets
         }
         unpooled = policy_scores(model, layers, None, LookaheadKV(module, pool_kernel=1), [n] * len(layers), n)
-        predicted = normalise(torch.stack([s[0] for s in unpooled]))
-        row["kl"][name] = float(kl_divergence(oracle, predicted).mean())
+        scored = slice(policy.num_sink, n)
+        predicted = normalise(torch.stack([s[0] for s in unpooled])[..., scored])
+        row["kl"][name] = float(kl_divergence(normalise(oracle[..., scored]), predicted).mean())
 
 
 def evaluate(model, record_paths, policies: dict, modules: dict, budgets, work_dir: Path, progress=True):
@@ -185,7 +187,7 @@ def markdown(recall, kl, rows, budgets, settings: dict) -> str:
     ]
     for name, values in recall.items():
         lines.append(f"| {name} | " + " | ".join(f"{values[b]:.3f}" for b in budgets) + " |")
-    lines += ["", "KL(true importance ‖ module's normalised unpooled scores, what training fits), mean over layers, heads and prompts:", ""]
+    lines += ["", "KL(true importance ‖ module's unpooled scores) over the keys after the 4 sinks, both renormalised (what training fits by default), mean over layers, heads and prompts:", ""]
     lines += [f"- {name}: {value:.4f}" for name, value in kl.items()]
     shown = [p for p in ("lookaheadkv", "snapkv", "laq") if p in recall]
     lines += ["", f"Recall@B by prompt length ({', '.join(shown)}):", "",
