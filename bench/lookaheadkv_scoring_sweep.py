@@ -7,7 +7,9 @@ log-likelihood per token of the full-cache greedy answer, teacher-forced on each
 with that very answer, is the floor). Tuning split: evaluation-suite samples with index >= 1 — the
 reported suite (`lookaheadkv eval`) uses index 0 only, so the choice is not made on the test
 prompts. Resumable (one JSON line per prompt; a run measures only the (variant, budget) pairs a prompt's
-line lacks, so new variants extend an existing file); ~15 min on one CPU core for the default grid:
+line lacks, so new variants extend an existing file); ~40 min on one CPU core for the default grid
+(1K/2K/4K; two processes on disjoint --lengths, writing files that are concatenated afterwards,
+halve it):
 
     python bench/lookaheadkv_scoring_sweep.py --out bench/results/lookaheadkv_scoring_sweep.jsonl \
         > bench/results/lookaheadkv_scoring_sweep.md
@@ -110,7 +112,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="JSONL of per-prompt results (appended, resumable)")
     parser.add_argument("--module", default=None, help="lookahead module directory (default: the shipped one)")
-    parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 2048])
+    parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 2048, 4096])
     parser.add_argument("--indices", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
     parser.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=[64, 128, 256])
     parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS),
