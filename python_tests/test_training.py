@@ -194,6 +194,13 @@ def test_loss_leaves_out_the_kept_sink_and_recent_keys(model, records, tmp_path)
     torch.testing.assert_close(loss, kl_divergence(expected_target, predicted).mean())
 
 
+def test_loss_refuses_settings_that_leave_no_key(model, records, tmp_path):
+    record = load_record(records[0][0])
+    trainer = make_trainer(model, records, tmp_path, num_sink=record.num_prompt - 2, recent=2)
+    with pytest.raises(ValueError, match="num_sink"):
+        record_loss(model, trainer.module, record, trainer.config, "cpu")
+
+
 def test_checkpoint_from_before_the_sink_setting_resumes_as_all_keys(model, records, tmp_path):
     make_trainer(model, records, tmp_path, num_sink=0).run(until=1)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
