@@ -194,6 +194,24 @@ def test_loss_leaves_out_the_kept_sink_and_recent_keys(model, records, tmp_path)
     torch.testing.assert_close(loss, kl_divergence(expected_target, predicted).mean())
 
 
+@pytest.mark.parametrize("pool_type", ["avg", "max"])
+def test_pooled_loss_pools_like_the_policy(model, records, tmp_path, pool_type):
+    """With pool_kernel > 1 both distributions are the policy's pooled scores over [0, P - recent),
+    sinks then dropped: the trainer's pooling equals the op's (lookahead_stream with ScoreOptions)."""
+    from lookaheadkv_kernels.runtime.lookahead import ScoreOptions
+
+    trainer = make_trainer(model, records, tmp_path, num_sink=2, recent=1, pool_kernel=5, pool_type=pool_type)
+    record = load_record(records[0][0])
+    scored = record.num_prompt - 1
+    with torch.no_grad():
+        target, predicted = target_and_prediction(model, trainer.module, record, trainer.config, "cpu")
+        _, by_op = lookahead_stream(model, trainer.module, record.prompt_kv("cpu"), num_scored=scored,
+                                    options=ScoreOptions("mean", 5, pool_type))
+    expected = torch.stack([s[0] for s in by_op])[..., 2:]
+    torch.testing.assert_close(predicted, expected / expected.sum(-1, keepdim=True))
+    assert target.shape == predicted.shape and torch.allclose(target.sum(-1), torch.ones(()))
+
+
 def test_loss_refuses_settings_that_leave_no_key(model, records, tmp_path):
     record = load_record(records[0][0])
     trainer = make_trainer(model, records, tmp_path, num_sink=record.num_prompt - 2, recent=2)
@@ -359,3 +377,9 @@ def test_report_kl_is_the_training_loss(model, records, tmp_path):
         loss = record_loss(model, module, load_record(records[0][0]), TrainConfig(), "cpu")
     # The report scores on its own float32 prefill, the trainer on the record's float16 K/V.
     assert row["kl"]["lookaheadkv"] == pytest.approx(float(loss), rel=2e-3)
+
+
+@pytest.mark.parametrize("bad", [dict(num_sink=-1), dict(recent=-2), dict(pool_kernel=4), dict(pool_kernel=0), dict(pool_type="median")])
+def test_config_rejects_bad_loss_settings(bad):
+    with pytest.raises(ValueError, match=next(iter(bad)).split("_")[0]):
+        TrainConfig(**bad)

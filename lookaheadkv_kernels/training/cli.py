@@ -54,6 +54,8 @@ def parse_args(argv):
     train.add_argument("--alpha", type=float, default=defaults.alpha)
     train.add_argument("--num-sink", type=int, default=defaults.num_sink, help="leading keys left out of the loss (the policy keeps them)")
     train.add_argument("--recent", type=int, default=defaults.recent, help="trailing keys left out of the loss")
+    train.add_argument("--pool-kernel", type=int, default=defaults.pool_kernel, help="pool target and prediction (odd; 1 = none)")
+    train.add_argument("--pool-type", choices=("avg", "max"), default=defaults.pool_type)
     train.add_argument("--eval-every", type=int, default=defaults.eval_every)
     train.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     train.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, clip_norm=args.clip_norm, seed=args.seed, n_lookahead=args.n_lookahead,
         rank=args.rank, alpha=args.alpha, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-        num_sink=args.num_sink, recent=args.recent,
+        num_sink=args.num_sink, recent=args.recent, pool_kernel=args.pool_kernel, pool_type=args.pool_type,
     )
     trainer = Trainer(model, train_paths, val_paths, args.out, config, device=args.device)
     if not args.fresh and trainer.load_checkpoint():

@@ -9,7 +9,9 @@ policy's 4 protected sinks) and the last `recent` keys (default 0) — kept by t
 whatever their score — are left out and both distributions renormalised over the keys between, so
 the loss spends itself on the ranking the policy uses (on held-apart evaluation prompts this lowered
 the full-cache answer's NLL at budget 128 by 5%, 1.117 -> 1.065, against a module trained on all
-keys: bench/results/lookaheadkv_training_variants.md). A batch averages the loss of
+keys: bench/results/lookaheadkv_training_variants.md). With `pool_kernel` > 1 both are first pooled
+over the keys the policy scores, exactly as the ops pool (tested against them), so the loss fits
+the smoothed scores the policy ranks by. A batch averages the loss of
 `batch_size` prompts (one at a time: prompts differ in length).
 
 AdamW with linear warm-up then cosine decay to `final_lr_ratio`, gradient-norm clipping. The order
@@ -38,7 +40,7 @@ from .teacher import TeacherRecord, load_record
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # Settings added after the first checkpoints were written, with the values those runs trained with.
-LEGACY_SETTINGS = {"num_sink": 0, "recent": 0}
+LEGACY_SETTINGS = {"num_sink": 0, "recent": 0, "pool_kernel": 1, "pool_type": "avg"}
 
 
 @dataclass
@@ -59,6 +61,10 @@ class TrainConfig:
     budgets: tuple[int, ...] = (64, 128, 256, 512)
     num_sink: int = DEFAULT_NUM_SINK  # leading keys left out of the loss and the validation measures
     recent: int = 0  # trailing keys left out likewise
+    # Pooling of target and prediction before the sinks are dropped, as the policy pools its scores
+    # before ranking (1 = none; the policy's is avg 5): bench/results/lookaheadkv_training_variants.md.
+    pool_kernel: int = 1
+    pool_type: str = "avg"
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "n_lookahead", "rank"):
@@ -68,22 +74,37 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "num_sink", "recent"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.pool_kernel < 1 or self.pool_kernel % 2 == 0 or self.pool_type not in ("avg", "max"):
+            raise ValueError(f"need an odd pool_kernel >= 1 and pool_type 'avg' or 'max', got {self.pool_kernel!r}, {self.pool_type!r}")
         if not (self.lr > 0 and 0 <= self.final_lr_ratio <= 1 and self.clip_norm > 0):
             raise ValueError("need lr > 0, 0 <= final_lr_ratio <= 1 and clip_norm > 0")
         self.budgets = tuple(int(b) for b in self.budgets)
 
 
+def pool(scores: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """scores [..., S] pooled along S like the ops' pool1d (stride 1, padding k//2; avg divides by k)."""
+    if config.pool_kernel == 1:
+        return scores
+    flat = scores.reshape(-1, 1, scores.shape[-1])
+    pool1d = torch.nn.functional.avg_pool1d if config.pool_type == "avg" else torch.nn.functional.max_pool1d
+    return pool1d(flat, config.pool_kernel, stride=1, padding=config.pool_kernel // 2).reshape(scores.shape)
+
+
 def target_and_prediction(model, module: LookaheadModule, record: TeacherRecord, config: TrainConfig, device):
-    """(target, predicted) [L, Hkv, K]: distributions over the K = P - num_sink - recent scored keys."""
+    """(target, predicted) [L, Hkv, K]: distributions over the K = P - num_sink - recent scored keys,
+    after pooling over the P - recent keys the policy scores."""
     if config.num_sink + config.recent >= record.num_prompt:
         raise ValueError(
             f"num_sink ({config.num_sink}) + recent ({config.recent}) leave no key of record {record.key} "
             f"({record.num_prompt} prompt tokens) to score"
         )
     _, scores = lookahead_stream(model, module, record.prompt_kv(device))
-    keys = slice(config.num_sink, record.num_prompt - config.recent)
-    predicted = normalise(torch.stack([s[0] for s in scores])[..., keys])
-    return normalise(record.importance.to(device)[..., keys]), predicted
+    scored = record.num_prompt - config.recent
+
+    def distribution(x):
+        return normalise(pool(x[..., :scored], config)[..., config.num_sink :])
+
+    return distribution(record.importance.to(device)), distribution(torch.stack([s[0] for s in scores]))
 
 
 def record_loss(model, module: LookaheadModule, record: TeacherRecord, config: TrainConfig, device) -> torch.Tensor:
