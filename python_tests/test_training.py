@@ -195,21 +195,24 @@ def test_loss_leaves_out_the_kept_sink_and_recent_keys(model, records, tmp_path)
 
 
 @pytest.mark.parametrize("pool_type", ["avg", "max"])
-def test_pooled_loss_pools_like_the_policy(model, records, tmp_path, pool_type):
-    """With pool_kernel > 1 both distributions are the policy's pooled scores over [0, P - recent),
-    sinks then dropped: the trainer's pooling equals the op's (lookahead_stream with ScoreOptions)."""
-    from lookaheadkv_kernels.runtime.lookahead import ScoreOptions
-
+def test_pooled_loss_pools_the_keys_between_sinks_and_recent(model, records, tmp_path, pool_type):
+    """pool_kernel 5: both distributions are the scored keys' scores pooled (an average over the real
+    keys in the window only), then renormalised."""
     trainer = make_trainer(model, records, tmp_path, num_sink=2, recent=1, pool_kernel=5, pool_type=pool_type)
     record = load_record(records[0][0])
-    scored = record.num_prompt - 1
     with torch.no_grad():
         target, predicted = target_and_prediction(model, trainer.module, record, trainer.config, "cpu")
-        _, by_op = lookahead_stream(model, trainer.module, record.prompt_kv("cpu"), num_scored=scored,
-                                    options=ScoreOptions("mean", 5, pool_type))
-    expected = torch.stack([s[0] for s in by_op])[..., 2:]
-    torch.testing.assert_close(predicted, expected / expected.sum(-1, keepdim=True))
-    assert target.shape == predicted.shape and torch.allclose(target.sum(-1), torch.ones(()))
+        _, scores = lookahead_stream(model, trainer.module, record.prompt_kv("cpu"))
+
+    def expected(x):
+        x = x[..., 2 : record.num_prompt - 1].double()
+        padded = torch.nn.functional.pad(x, (2, 2), value=float("nan"))
+        windows = padded.unfold(-1, 5, 1)  # [..., K, 5]; NaN marks the padding
+        pooled = windows.nanmean(-1) if pool_type == "avg" else windows.nan_to_num(float("-inf")).amax(-1)
+        return (pooled / pooled.sum(-1, keepdim=True)).float()
+
+    torch.testing.assert_close(predicted, expected(torch.stack([s[0] for s in scores])))
+    torch.testing.assert_close(target, expected(record.importance))
 
 
 def test_loss_refuses_settings_that_leave_no_key(model, records, tmp_path):

@@ -9,9 +9,9 @@ policy's 4 protected sinks) and the last `recent` keys (default 0) — kept by t
 whatever their score — are left out and both distributions renormalised over the keys between, so
 the loss spends itself on the ranking the policy uses (on held-apart evaluation prompts this lowered
 the full-cache answer's NLL at budget 128 by 5%, 1.117 -> 1.065, against a module trained on all
-keys: bench/results/lookaheadkv_training_variants.md). With `pool_kernel` > 1 both are first pooled
-over the keys the policy scores, exactly as the ops pool (tested against them), so the loss fits
-the smoothed scores the policy ranks by. A batch averages the loss of
+keys: bench/results/lookaheadkv_training_variants.md). With `pool_kernel` > 1 both are pooled over
+those keys before renormalising, so the loss fits smoothed scores, as the policy ranks by smoothed
+scores (avg 5 lowered the proxy further, variant P of the table). A batch averages the loss of
 `batch_size` prompts (one at a time: prompts differ in length).
 
 AdamW with linear warm-up then cosine decay to `final_lr_ratio`, gradient-norm clipping. The order
@@ -61,8 +61,8 @@ class TrainConfig:
     budgets: tuple[int, ...] = (64, 128, 256, 512)
     num_sink: int = DEFAULT_NUM_SINK  # leading keys left out of the loss and the validation measures
     recent: int = 0  # trailing keys left out likewise
-    # Pooling of target and prediction before the sinks are dropped, as the policy pools its scores
-    # before ranking (1 = none; the policy's is avg 5): bench/results/lookaheadkv_training_variants.md.
+    # Pooling of target and prediction over the scored keys, as the policy smooths its scores before
+    # ranking (1 = none): bench/results/lookaheadkv_training_variants.md.
     pool_kernel: int = 1
     pool_type: str = "avg"
 
@@ -82,27 +82,33 @@ class TrainConfig:
 
 
 def pool(scores: torch.Tensor, config: TrainConfig) -> torch.Tensor:
-    """scores [..., S] pooled along S like the ops' pool1d (stride 1, padding k//2; avg divides by k)."""
+    """scores [..., K] pooled along K (stride 1, padding k//2; an average counts only real keys).
+
+    Applied after the sinks are dropped: pooled in, their large mass would spread onto their
+    neighbours (pooling over all keys, as the ops do, measured worse on the end-task proxy).
+    """
     if config.pool_kernel == 1:
         return scores
-    flat = scores.reshape(-1, 1, scores.shape[-1])
-    pool1d = torch.nn.functional.avg_pool1d if config.pool_type == "avg" else torch.nn.functional.max_pool1d
-    return pool1d(flat, config.pool_kernel, stride=1, padding=config.pool_kernel // 2).reshape(scores.shape)
+    flat, k = scores.reshape(-1, 1, scores.shape[-1]), config.pool_kernel
+    if config.pool_type == "avg":
+        pooled = torch.nn.functional.avg_pool1d(flat, k, stride=1, padding=k // 2, count_include_pad=False)
+    else:
+        pooled = torch.nn.functional.max_pool1d(flat, k, stride=1, padding=k // 2)
+    return pooled.reshape(scores.shape)
 
 
 def target_and_prediction(model, module: LookaheadModule, record: TeacherRecord, config: TrainConfig, device):
-    """(target, predicted) [L, Hkv, K]: distributions over the K = P - num_sink - recent scored keys,
-    after pooling over the P - recent keys the policy scores."""
+    """(target, predicted) [L, Hkv, K]: distributions over the K = P - num_sink - recent scored keys."""
     if config.num_sink + config.recent >= record.num_prompt:
         raise ValueError(
             f"num_sink ({config.num_sink}) + recent ({config.recent}) leave no key of record {record.key} "
             f"({record.num_prompt} prompt tokens) to score"
         )
     _, scores = lookahead_stream(model, module, record.prompt_kv(device))
-    scored = record.num_prompt - config.recent
+    keys = slice(config.num_sink, record.num_prompt - config.recent)
 
     def distribution(x):
-        return normalise(pool(x[..., :scored], config)[..., config.num_sink :])
+        return normalise(pool(x[..., keys], config))
 
     return distribution(record.importance.to(device)), distribution(torch.stack([s[0] for s in scores]))
 
