@@ -52,7 +52,8 @@ def answer_nll(model, cache, answer: torch.Tensor) -> float:
 
 
 def load_records(path: Path) -> dict[str, dict]:
-    return {r["uid"]: r for r in map(json.loads, path.read_text().splitlines()) if r} if path.is_file() else {}
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return {r["uid"]: r for r in map(json.loads, filter(str.strip, lines))}
 
 
 def run(args) -> None:

@@ -33,8 +33,9 @@ from ..runtime.models import cache_dir, config_hash, layer_parts, load_model
 from ..runtime.policies import LAQ, LookaheadKV, PyramidKV, Run, SnapKV, StreamingLLM
 from ..runtime.tap import LayerInputs, tap_layers
 from .data import make_samples
-from .targets import kept_recall, kl_divergence, normalise
+from .targets import kept_recall, kl_divergence
 from .teacher import build_records, load_record
+from .trainer import TrainConfig, distributions
 
 LENGTHS = (1024, 2048, 3072, 4096)
 BUDGETS = (64, 128, 256, 512)
@@ -119,8 +120,8 @@ def module_part(model, record, modules: dict, budgets, kv_path: Path, row: dict)
     layers = kv_only_inputs(model, saved["keys"], saved["values"])
     oracle = record.importance.to(device)
     for name, module in modules.items():
-        # Recall: the policy as users get it (its default pooling). KL: what training fits by default —
-        # unpooled scores, over the keys after the policy's protected sinks, both renormalised.
+        # Recall: the policy as users get it (its default pooling). KL: the loss training fits by
+        # default (trainer.distributions with TrainConfig()), on the unpooled scores.
         # Scores do not depend on the budget: score once, compact per budget.
         policy = LookaheadKV(module)
         scores = policy_scores(model, layers, None, policy, [n] * len(layers), n)
@@ -129,9 +130,8 @@ def module_part(model, record, modules: dict, budgets, kv_path: Path, row: dict)
             for b in budgets
         }
         unpooled = policy_scores(model, layers, None, LookaheadKV(module, pool_kernel=1), [n] * len(layers), n)
-        scored = slice(policy.num_sink, n)
-        predicted = normalise(torch.stack([s[0] for s in unpooled])[..., scored])
-        row["kl"][name] = float(kl_divergence(normalise(oracle[..., scored]), predicted).mean())
+        target, predicted = distributions(oracle, torch.stack([s[0] for s in unpooled]), TrainConfig())
+        row["kl"][name] = float(kl_divergence(target, predicted).mean())
 
 
 def evaluate(model, record_paths, policies: dict, modules: dict, budgets, work_dir: Path, progress=True):

@@ -97,20 +97,22 @@ def pool(scores: torch.Tensor, config: TrainConfig) -> torch.Tensor:
     return pooled.reshape(scores.shape)
 
 
-def target_and_prediction(model, module: LookaheadModule, record: TeacherRecord, config: TrainConfig, device):
-    """(target, predicted) [L, Hkv, K]: distributions over the K = P - num_sink - recent scored keys."""
-    if config.num_sink + config.recent >= record.num_prompt:
+def distributions(importance: torch.Tensor, scores: torch.Tensor, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target, predicted) [..., K] from the true importance and the lookahead scores [..., P]: the
+    K = P - num_sink - recent scored keys, pooled per `config`, renormalised."""
+    num_prompt = importance.shape[-1]
+    if config.num_sink + config.recent >= num_prompt:
         raise ValueError(
-            f"num_sink ({config.num_sink}) + recent ({config.recent}) leave no key of record {record.key} "
-            f"({record.num_prompt} prompt tokens) to score"
+            f"num_sink ({config.num_sink}) + recent ({config.recent}) leave no key of a {num_prompt}-token prompt to score"
         )
+    keys = slice(config.num_sink, num_prompt - config.recent)
+    return normalise(pool(importance[..., keys], config)), normalise(pool(scores[..., keys], config))
+
+
+def target_and_prediction(model, module: LookaheadModule, record: TeacherRecord, config: TrainConfig, device):
+    """`distributions` of a record: its importance and the module's scores [L, Hkv, P] on its prompt K/V."""
     _, scores = lookahead_stream(model, module, record.prompt_kv(device))
-    keys = slice(config.num_sink, record.num_prompt - config.recent)
-
-    def distribution(x):
-        return normalise(pool(x[..., keys], config))
-
-    return distribution(record.importance.to(device)), distribution(torch.stack([s[0] for s in scores]))
+    return distributions(record.importance.to(device), torch.stack([s[0] for s in scores]), config)
 
 
 def record_loss(model, module: LookaheadModule, record: TeacherRecord, config: TrainConfig, device) -> torch.Tensor:
