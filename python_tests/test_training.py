@@ -180,7 +180,7 @@ def test_resume_refuses_other_settings(model, records, tmp_path):
 
 
 def test_loss_leaves_out_the_kept_sink_and_recent_keys(model, records, tmp_path):
-    trainer = make_trainer(model, records, tmp_path, num_sink=2, recent=3)
+    trainer = make_trainer(model, records, tmp_path, num_sink=2, recent=3, pool_kernel=1)
     record = load_record(records[0][0])
     with torch.no_grad():
         target, predicted = target_and_prediction(model, trainer.module, record, trainer.config, "cpu")
@@ -222,14 +222,19 @@ def test_loss_refuses_settings_that_leave_no_key(model, records, tmp_path):
         record_loss(model, trainer.module, record, trainer.config, "cpu")
 
 
-def test_checkpoint_from_before_the_sink_setting_resumes_as_all_keys(model, records, tmp_path):
-    make_trainer(model, records, tmp_path, num_sink=0).run(until=1)
+@pytest.mark.parametrize("missing,legacy", [
+    (("num_sink", "recent", "pool_kernel", "pool_type"), dict(num_sink=0, pool_kernel=1)),  # before sinks were left out
+    (("pool_kernel", "pool_type"), dict(pool_kernel=1)),  # before pooling (session 3's modules)
+])
+def test_checkpoint_from_before_a_setting_resumes_only_with_its_old_meaning(model, records, tmp_path, missing, legacy):
+    make_trainer(model, records, tmp_path, **legacy).run(until=1)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    del state["config"]["num_sink"], state["config"]["recent"]  # as written before the settings existed
+    for name in missing:  # as written before the setting existed
+        del state["config"][name]
     torch.save(state, tmp_path / "checkpoint.pt")
-    assert make_trainer(model, records, tmp_path, num_sink=0).load_checkpoint()
-    with pytest.raises(ValueError, match="num_sink"):
-        make_trainer(model, records, tmp_path).load_checkpoint()  # the default, 4 sinks, is another loss
+    assert make_trainer(model, records, tmp_path, **legacy).load_checkpoint()
+    with pytest.raises(ValueError, match=missing[0]):
+        make_trainer(model, records, tmp_path).load_checkpoint()  # the defaults are another loss
 
 
 def test_validation_reports_kl_and_recall(model, records, tmp_path):

@@ -25,6 +25,8 @@ from .models import LayerParts
 from .tap import LayerInputs, tap_layers
 
 DEFAULT_NUM_SINK = 4
+# LookaheadKV's smoothing of its scores before ranking; the trainer fits scores pooled the same way.
+LOOKAHEAD_POOL_KERNEL, LOOKAHEAD_POOL_TYPE = 5, "avg"
 
 
 @dataclass
@@ -299,9 +301,10 @@ class LookaheadKV(Policy):
     """LookaheadKV: the learned lookahead rows' attention to the prompt keys is the importance.
 
     `recent` prompt tokens at the end are always kept (0 by default: the lookahead rows score every
-    key). GQA mean (what training fits) and avg-pool 5 by default: pooling is not part of training,
-    but on held-apart prompts of the evaluation tasks it keeps the full-cache answer likelier than no
-    pooling, max-pooling or GQA max at budgets 64-256 (bench/results/lookaheadkv_scoring_sweep.md).
+    key). GQA mean and avg-pool 5 by default: on held-apart prompts of the evaluation tasks this keeps
+    the full-cache answer likelier than no pooling, max-pooling or GQA max at budgets 64-256
+    (bench/results/lookaheadkv_scoring_sweep.md), and the shipped module was trained on scores
+    pooled the same way (training/trainer.py).
     """
 
     name = "lookaheadkv"
@@ -310,8 +313,8 @@ class LookaheadKV(Policy):
         self,
         module: LookaheadModule,
         gqa_reduce: str = "mean",
-        pool_kernel: int = 5,
-        pool_type: str = "avg",
+        pool_kernel: int = LOOKAHEAD_POOL_KERNEL,
+        pool_type: str = LOOKAHEAD_POOL_TYPE,
         recent: int = 0,
         num_sink: int = DEFAULT_NUM_SINK,
     ):

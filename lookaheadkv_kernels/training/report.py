@@ -121,7 +121,7 @@ def module_part(model, record, modules: dict, budgets, kv_path: Path, row: dict)
     oracle = record.importance.to(device)
     for name, module in modules.items():
         # Recall: the policy as users get it (its default pooling). KL: the loss training fits by
-        # default (trainer.distributions with TrainConfig()), on the unpooled scores.
+        # default (trainer.distributions with TrainConfig(), which pools), from the unpooled scores.
         # Scores do not depend on the budget: score once, compact per budget.
         policy = LookaheadKV(module)
         scores = policy_scores(model, layers, None, policy, [n] * len(layers), n)
@@ -170,7 +170,12 @@ def summarise(rows, budgets):
     return recall, kl
 
 
+def pooling(config: TrainConfig) -> str:
+    return "unpooled" if config.pool_kernel == 1 else f"{config.pool_type}-pooled over {config.pool_kernel} keys"
+
+
 def markdown(recall, kl, rows, budgets, settings: dict) -> str:
+    config = TrainConfig()
     lines = [
         "# LookaheadKV training report: SmolLM2-135M-Instruct, held-out split",
         "",
@@ -187,7 +192,8 @@ def markdown(recall, kl, rows, budgets, settings: dict) -> str:
     ]
     for name, values in recall.items():
         lines.append(f"| {name} | " + " | ".join(f"{values[b]:.3f}" for b in budgets) + " |")
-    lines += ["", "KL(true importance ‖ module's unpooled scores) over the keys after the 4 sinks, both renormalised (what training fits by default), mean over layers, heads and prompts:", ""]
+    lines += ["", f"KL(true importance ‖ module's scores) over the keys after the {config.num_sink} sinks, both "
+              f"{pooling(config)} and renormalised (the loss training fits by default), mean over layers, heads and prompts:", ""]
     lines += [f"- {name}: {value:.4f}" for name, value in kl.items()]
     shown = [p for p in ("lookaheadkv", "snapkv", "laq") if p in recall]
     lines += ["", f"Recall@B by prompt length ({', '.join(shown)}):", "",

@@ -1,17 +1,16 @@
 """Training a LookaheadModule against teacher records.
 
 Loss of one prompt: KL(true ‖ predicted) averaged over layers and KV heads, where predicted is the
-lookahead rows' scores of the prompt keys (`lookahead_stream`, GQA mean, no pooling — what the
-LookaheadKV policy scores with) renormalised over the prompt. The base model is frozen; the
-prompt's K/V come from the record (computed once without gradients), so gradients reach only the
-lookahead embeddings and LoRA, through the lookahead rows. The first `num_sink` keys (default: the
-policy's 4 protected sinks) and the last `recent` keys (default 0) — kept by the LookaheadKV policy
-whatever their score — are left out and both distributions renormalised over the keys between, so
-the loss spends itself on the ranking the policy uses (on held-apart evaluation prompts this lowered
-the full-cache answer's NLL at budget 128 by 5%, 1.117 -> 1.065, against a module trained on all
-keys: bench/results/lookaheadkv_training_variants.md). With `pool_kernel` > 1 both are pooled over
-those keys before renormalising, so the loss fits smoothed scores, as the policy ranks by smoothed
-scores (avg 5 lowered the proxy further, variant P of the table). A batch averages the loss of
+lookahead rows' scores of the prompt keys (`lookahead_stream`, GQA mean — what the LookaheadKV
+policy scores with). The base model is frozen; the prompt's K/V come from the record (computed once
+without gradients), so gradients reach only the lookahead embeddings and LoRA, through the lookahead
+rows. The first `num_sink` keys (default: the policy's 4 protected sinks) and the last `recent` keys
+(default 0) — kept by the LookaheadKV policy whatever their score — are left out, and both
+distributions are pooled over the keys between as the policy smooths its scores (default avg 5;
+`pool_kernel` 1 = none) and renormalised, so the loss spends itself on the ranking the policy uses.
+On held-apart evaluation prompts each step lowered the full-cache answer's NLL at budget 128 against
+a module trained on all keys, unpooled: 1.117 -> 1.065 (sinks out) -> 0.996 (pooled);
+bench/results/lookaheadkv_training_variants.md. A batch averages the loss of
 `batch_size` prompts (one at a time: prompts differ in length).
 
 AdamW with linear warm-up then cosine decay to `final_lr_ratio`, gradient-norm clipping. The order
@@ -34,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..runtime.lookahead import LookaheadModule, lookahead_stream
-from ..runtime.policies import DEFAULT_NUM_SINK
+from ..runtime.policies import DEFAULT_NUM_SINK, LOOKAHEAD_POOL_KERNEL, LOOKAHEAD_POOL_TYPE
 from .targets import kl_divergence, normalise, topk_recall
 from .teacher import TeacherRecord, load_record
 
@@ -63,8 +62,8 @@ class TrainConfig:
     recent: int = 0  # trailing keys left out likewise
     # Pooling of target and prediction over the scored keys, as the policy smooths its scores before
     # ranking (1 = none): bench/results/lookaheadkv_training_variants.md.
-    pool_kernel: int = 1
-    pool_type: str = "avg"
+    pool_kernel: int = LOOKAHEAD_POOL_KERNEL
+    pool_type: str = LOOKAHEAD_POOL_TYPE
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "n_lookahead", "rank"):
