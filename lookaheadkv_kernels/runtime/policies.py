@@ -25,8 +25,8 @@ from .models import LayerParts
 from .tap import LayerInputs, tap_layers
 
 DEFAULT_NUM_SINK = 4
-# LookaheadKV's smoothing of its scores before ranking; the trainer fits scores pooled the same way.
-LOOKAHEAD_POOL_KERNEL, LOOKAHEAD_POOL_TYPE = 5, "avg"
+# LookaheadKV's default smoothing of its scores before ranking (see LookaheadKV).
+LOOKAHEAD_POOL_KERNEL, LOOKAHEAD_POOL_TYPE = 17, "avg"
 
 
 @dataclass
@@ -301,10 +301,10 @@ class LookaheadKV(Policy):
     """LookaheadKV: the learned lookahead rows' attention to the prompt keys is the importance.
 
     `recent` prompt tokens at the end are always kept (0 by default: the lookahead rows score every
-    key). GQA mean and avg-pool 5 by default: on held-apart prompts of the evaluation tasks this keeps
-    the full-cache answer likelier than no pooling, max-pooling or GQA max at budgets 64-256
-    (bench/results/lookaheadkv_scoring_sweep.md), and the shipped module was trained on scores
-    pooled the same way (training/trainer.py).
+    key). GQA mean and avg-pool 17 by default: on held-apart prompts of the evaluation tasks this
+    kept the full-cache answer likeliest at budgets 64-128 among avg-pools of 3-31, max-pools, GQA max
+    and keeping the question (bench/results/lookaheadkv_scoring_sweep.md). Wide windows keep whole
+    spans, e.g. all the digits of a number a needle task asks for, where narrow ones keep some.
     """
 
     name = "lookaheadkv"

@@ -30,7 +30,9 @@ from ..runtime.cache import CompactedCache, CompactedLayer, compact_layer
 from ..runtime.eviction import encode_prompt
 from ..runtime.lookahead import LookaheadModule
 from ..runtime.models import cache_dir, config_hash, layer_parts, load_model
-from ..runtime.policies import LAQ, LookaheadKV, PyramidKV, Run, SnapKV, StreamingLLM
+from ..runtime.policies import (
+    DEFAULT_NUM_SINK, LAQ, LOOKAHEAD_POOL_KERNEL, LOOKAHEAD_POOL_TYPE, LookaheadKV, PyramidKV, Run, SnapKV, StreamingLLM,
+)
 from ..runtime.tap import LayerInputs, tap_layers
 from .data import make_samples
 from .targets import kept_recall, kl_divergence
@@ -184,8 +186,8 @@ def markdown(recall, kl, rows, budgets, settings: dict) -> str:
         f"(targets {', '.join(str(x) for x in settings['lengths'])}). Oracle: the teacher's true importance "
         f"(mean attention of its greedy answer, ≤{settings['answer_tokens']} tokens). Recall@B = share of the "
         "oracle's top-B keys among the keys the policy keeps at budget B (its sinks and windows included), "
-        "mean over KV heads, layers and prompts. All policies protect 4 sink tokens and use their defaults "
-        "(LookaheadKV: avg-pool 5).",
+        f"mean over KV heads, layers and prompts. All policies protect {DEFAULT_NUM_SINK} sink tokens and use their "
+        f"defaults (LookaheadKV: {LOOKAHEAD_POOL_TYPE}-pool {LOOKAHEAD_POOL_KERNEL}).",
         "",
         "| policy | " + " | ".join(f"recall@{b}" for b in budgets) + " |",
         "|---|" + "---|" * len(budgets),
