@@ -233,6 +233,15 @@ def test_cli_lists_the_evaluation_commands():
         harness.parse_policies("snapkv,h2o")
 
 
+def test_snapkv_control_pools_like_lookaheadkv():
+    from lookaheadkv_kernels.evaluation.policies import ALL_POLICIES, build_policy
+
+    control, lookahead = build_policy("snapkv-lkvpool", None), LookaheadKV(trained_looking(tiny_llama()))
+    assert "snapkv-lkvpool" in harness.parse_policies("snapkv,snapkv-lkvpool") and "snapkv-lkvpool" in ALL_POLICIES
+    assert isinstance(control, SnapKV) and control.window == SnapKV().window
+    assert (control.options.pool_kernel, control.options.pool_type) == (lookahead.options.pool_kernel, lookahead.options.pool_type)
+
+
 def test_bench_evict_measures_every_policy_against_the_plain_prefill(tokenizer):
     from lookaheadkv_kernels.evaluation import bench_evict
 

@@ -3,6 +3,8 @@
 "full" keeps the whole cache. "lookaheadkv" uses a trained lookahead module: the one shipped for the
 model under `lookaheadkv_kernels/data/modules/`, or a directory given with `--module`. Names starting
 with "kvpress-" are kvpress 0.5.x presses run on the same captured prefill (see `kvpress_peers`).
+"snapkv-lkvpool" is a control: SnapKV's window queries with LookaheadKV's default pooling, so the
+suite separates what the lookahead rows add from what the wider pooling adds.
 """
 
 from __future__ import annotations
@@ -10,13 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..runtime.lookahead import LookaheadModule, shipped_module_dir
-from ..runtime.policies import LookaheadKV, make_policy
+from ..runtime.policies import LOOKAHEAD_POOL_KERNEL, LOOKAHEAD_POOL_TYPE, LookaheadKV, SnapKV, make_policy
 from .kvpress_peers import PRESSES
 
 FULL = "full"
 RUNTIME_POLICIES = ("lookaheadkv", "snapkv", "pyramidkv", "streamingllm", "knorm", "random", "laq", "speckv", "oracle")
+CONTROLS = {"snapkv-lkvpool": lambda: SnapKV(pool_kernel=LOOKAHEAD_POOL_KERNEL, pool_type=LOOKAHEAD_POOL_TYPE)}
 PEER_POLICIES = tuple(PRESSES)
-ALL_POLICIES = (FULL,) + RUNTIME_POLICIES + PEER_POLICIES
+ALL_POLICIES = (FULL,) + RUNTIME_POLICIES + tuple(CONTROLS) + PEER_POLICIES
 
 
 def load_lookahead(model, module_dir: str | Path | None = None) -> tuple[LookaheadModule, Path]:
@@ -38,6 +41,8 @@ def build_policy(name: str, module: LookaheadModule | None):
         if module is None:
             raise ValueError("the lookaheadkv policy needs a lookahead module")
         return LookaheadKV(module)
+    if name in CONTROLS:
+        return CONTROLS[name]()
     return make_policy(name)
 
 
