@@ -225,6 +225,20 @@ def test_evaluation_resumes_and_reports(tmp_path, tokenizer):
     assert rows[0].startswith("policy,budget,length,task") and len(rows) == 1 + 5 * 3  # (policy, budget) x (2 tasks + mean)
 
 
+def test_first_sample_chooses_the_sample_indices(tmp_path, tokenizer, monkeypatch):
+    from lookaheadkv_kernels.runtime import models
+
+    monkeypatch.setattr(models, "load_model", lambda name: (tiny_llama(), tokenizer))
+    args = ["--tasks", "niah_single", "--lengths", "300", "--policies", "full", "--budgets", "40",
+            "--out", str(tmp_path), "--name", "t", "--no-progress"]
+    assert harness.main(args + ["--samples", "2", "--first-sample", "3"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "eval_t.jsonl").read_text().splitlines()]
+    assert sorted(r["index"] for r in records) == [3, 4]
+    for bad in (["--first-sample", "-1"], ["--samples", "0"]):
+        with pytest.raises(SystemExit, match="first-sample"):
+            harness.main(args + bad)
+
+
 def test_cli_lists_the_evaluation_commands():
     from lookaheadkv_kernels.cli import COMMANDS
 

@@ -137,6 +137,10 @@ def _parser():
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="prompt lengths in tokens")
     parser.add_argument("--samples", type=int, default=3, help="samples per task and length")
+    parser.add_argument(
+        "--first-sample", type=int, default=0,
+        help="index of the first sample (the reported suite starts at 0; bench/lookaheadkv_scoring_sweep.py tunes on 1-2)",
+    )
     parser.add_argument("--policies", default=",".join(ALL_POLICIES), help="comma-separated policies")
     parser.add_argument("--budgets", default=DEFAULT_BUDGETS, help="ints = tokens per layer, decimals = ratios")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
@@ -159,6 +163,8 @@ def main(argv=None) -> int:
         for key, value in QUICK.items():
             if getattr(args, key) == getattr(defaults, key):
                 setattr(args, key, value)
+    if args.samples < 1 or args.first_sample < 0:
+        raise SystemExit(f"need --samples >= 1 and --first-sample >= 0, got {args.samples} and {args.first_sample}")
     name = args.name or ("quick" if args.quick else "full")
     jsonl = args.out / f"eval_{name}.jsonl"
     store = ResultStore(jsonl)
@@ -193,7 +199,8 @@ def main(argv=None) -> int:
                 print(f"leaving out the kvpress peers: {error}", file=sys.stderr)
                 policies = [p for p in policies if p not in PEER_POLICIES]
         start = time.perf_counter()
-        samples = [make_sample(t, n, i, tokenizer, args.seed) for n in lengths for t in tasks for i in range(args.samples)]
+        indices = range(args.first_sample, args.first_sample + args.samples)
+        samples = [make_sample(t, n, i, tokenizer, args.seed) for n in lengths for t in tasks for i in indices]
         print(
             f"{len(samples)} samples x {len(policies)} policies; budgets {budgets}; module {module_dir}; "
             f"results -> {jsonl}",
