@@ -374,7 +374,7 @@ def test_report_rows_resume_and_summarise(model, records, tmp_path):
 
 
 def test_report_kl_is_the_training_loss(model, records, tmp_path):
-    """The report's KL is what the trainer minimises by default (4 sinks left out), on the same record."""
+    """The report's KL is what the trainer minimises by default (4 sinks left out, avg-pooled over 5), on the same record."""
     from lookaheadkv_kernels.runtime import LookaheadModule
     from lookaheadkv_kernels.training.report import evaluate
 
