@@ -1,4 +1,4 @@
-"""Which pooling / GQA reduction should LookaheadKV's scores use? A measured sweep on SmolLM2.
+"""Which pooling / GQA reduction / per-layer budgets should LookaheadKV use? A measured sweep on SmolLM2.
 
 The end-task scores of a 135M model at small budgets are mostly 0 or 100, too coarse to rank
 scoring variants on a few prompts; this sweep measures something finer: the mean negative
@@ -29,7 +29,7 @@ from lookaheadkv_kernels.evaluation.replay import capture_prefill, decode, evict
 from lookaheadkv_kernels.evaluation.tasks import DEFAULT_SEED, TASKS, make_sample, prompt_ids
 from lookaheadkv_kernels.runtime import LookaheadKV, Oracle, SnapKV, load_model, ragged_masks
 
-VARIANTS = {  # name: LookaheadKV options (pool_kernel, pool_type, gqa_reduce, recent)
+POOLINGS = {  # name: LookaheadKV scoring options (pool_kernel, pool_type, gqa_reduce, recent), uniform budgets
     "none": dict(pool_kernel=1),
     "max-pool 3": dict(pool_kernel=3, pool_type="max"),
     "max-pool 7": dict(pool_kernel=7, pool_type="max"),
@@ -46,6 +46,11 @@ VARIANTS = {  # name: LookaheadKV options (pool_kernel, pool_type, gqa_reduce, r
     "avg-pool 5 + recent 16": dict(pool_kernel=5, pool_type="avg", recent=16),
     "avg-pool 5 + recent 32": dict(pool_kernel=5, pool_type="avg", recent=32),
 }
+VARIANTS = {name: dict(options, depth_ramp=0) for name, options in POOLINGS.items()}
+VARIANTS.update({  # per-layer budgets linear in depth (LookaheadKV's depth_ramp), with the default pooling
+    f"avg-pool 17 + depth ramp {ramp}": dict(pool_kernel=17, pool_type="avg", depth_ramp=ramp)
+    for ramp in (-0.5, 0.25, 0.5, 0.75)
+})
 REFERENCES = {"SnapKV (paper config)": SnapKV, "Oracle": Oracle}
 
 

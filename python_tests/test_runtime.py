@@ -23,6 +23,7 @@ from lookaheadkv_kernels.runtime import (  # noqa: E402
     SpecKV,
     StreamingLLM,
     UnsupportedModelError,
+    depth_ramp_budgets,
     generate,
     lookahead_stream,
     make_policy,
@@ -387,6 +388,49 @@ def test_budget_resolution():
     assert resolve_budget(0.25, 100, 2) == 25
     assert resolve_budget(0.001, 100, 2) == 1
     assert resolve_budget([4, 0.5], 100, 2) == [4, 50]
+
+
+@pytest.mark.parametrize("ramp", [0.25, 0.5, 0.95, -0.5])
+@pytest.mark.parametrize("budget, layers", [(128, 30), (72, 3), (7, 30), (1000, 64)])
+def test_depth_ramp_budgets_keep_the_total_and_rise_linearly(ramp, budget, layers):
+    budgets = depth_ramp_budgets(budget, 10_000, layers, ramp, floor=5)
+    floored = any(budget * (1 - abs(ramp)) < 5 for _ in [0])
+    assert len(budgets) == layers and min(budgets) >= 5
+    if not floored:
+        assert sum(budgets) == layers * budget  # same KV memory as uniform budgets
+    exact = [budget * (1 - ramp + 2 * ramp * i / (layers - 1)) for i in range(layers)]
+    assert all(abs(b - max(5, x)) < 1 + floored * 5 for b, x in zip(budgets, exact))
+    steps = [b - a for a, b in zip(budgets, budgets[1:])]
+    assert all(s >= 0 for s in steps) if ramp > 0 else all(s <= 0 for s in steps)
+
+
+def test_depth_ramp_budgets_leave_uniform_cases_alone():
+    assert depth_ramp_budgets(128, 10_000, 30, 0.0, 5) == [128] * 30
+    assert depth_ramp_budgets(128, 100, 30, 0.5, 5) == [128] * 30  # prompt within budget: nothing evicted
+    assert depth_ramp_budgets(128, 10_000, 1, 0.5, 5) == [128]
+    assert depth_ramp_budgets(5, 10_000, 30, 0.5, 5) == [5] * 30  # no room above the protected sinks
+    assert depth_ramp_budgets(128, 10_000, 3, 0.5, 5) == [64, 128, 192]
+
+
+def test_lookaheadkv_spreads_its_budget_over_depth():
+    model = tiny_model("llama")
+    ids = prompt_ids(80)
+    module = trained_looking(model)
+    ramped = prefill_and_evict(model, ids, LookaheadKV(module), budget=40)
+    assert ramped.stats.budgets == depth_ramp_budgets(40, 80, 3, LookaheadKV(module).depth_ramp, 5) == [20, 40, 60]
+    assert ramped.cache.stored_lengths() == [20, 40, 60]
+    uniform = prefill_and_evict(model, ids, LookaheadKV(module, depth_ramp=0), budget=40)
+    assert uniform.stats.budgets == [40] * 3
+    # The scores do not depend on the budgets: the ramped kept sets are the uniform ranking's top-b.
+    for kept_ramped, kept_uniform, b in zip(ramped.kept, uniform.kept, (20, 40, 60)):
+        assert kept_ramped.shape[-1] == b
+        if b <= 40:
+            assert set(kept_ramped[0, 0].tolist()) <= set(kept_uniform[0, 0].tolist()) | set(range(4))
+    with_recent = LookaheadKV(module, recent=30)  # a layer keeps 4 sinks + 30 recent + >= 1 scored key
+    assert min(with_recent.layer_budgets(40, 80, 3)) == 35 and prefill_and_evict(model, ids, with_recent, 40).kept
+    for bad in (1.0, -1.0, True, "0.5", float("nan")):
+        with pytest.raises(ValueError, match="depth_ramp"):
+            LookaheadKV(module, depth_ramp=bad)
 
 
 def test_policy_names_and_options():

@@ -26,12 +26,14 @@ from lookaheadkv_kernels.runtime import (  # noqa: E402
     SnapKV,
     SpecKV,
     StreamingLLM,
+    depth_ramp_budgets,
     encode_prompt,
     generate,
     load_model,
     prefill_and_evict,
 )
 from lookaheadkv_kernels.runtime.models import smollm2_gguf_path  # noqa: E402
+from lookaheadkv_kernels.runtime.policies import DEFAULT_NUM_SINK, LOOKAHEAD_DEPTH_RAMP  # noqa: E402
 
 pytestmark = pytest.mark.slow
 NEEDLE = "The secret code of the vault is 4821."
@@ -96,14 +98,16 @@ def test_lookahead_eviction_keeps_prompt_logits_and_evicts_each_layer(smollm2, n
         plain = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     eviction = prefill_and_evict(model, ids, LookaheadKV(LookaheadModule(model, seed=7)), budget)
     assert torch.equal(eviction.next_logits, plain.logits[:, -1])
-    assert eviction.cache.stored_lengths() == [budget] * 30
+    budgets = depth_ramp_budgets(budget, ids.shape[1], 30, LOOKAHEAD_DEPTH_RAMP, DEFAULT_NUM_SINK + 1)
+    assert budgets[0] < budget < budgets[-1] and sum(budgets) == 30 * budget  # the default depth ramp
+    assert eviction.stats.budgets == eviction.cache.stored_lengths() == budgets
     assert eviction.cache.get_seq_length() == ids.shape[1]
     for layer, full, kept in zip(eviction.cache.layers, plain.past_key_values.layers, eviction.kept):
         index = kept[..., None].expand(-1, -1, -1, full.keys.shape[-1])
         assert torch.equal(layer.keys, full.keys.gather(2, index))
     stats = eviction.stats
-    # 29 layers at 64 entries and one full layer at the worst moment, against all 30 layers full
-    assert stats.peak_cache_bytes == stats.full_cache_bytes * (29 * budget + ids.shape[1]) // (30 * ids.shape[1])
+    # The first 29 layers compacted and the last one full at the worst moment, against all 30 layers full
+    assert stats.peak_cache_bytes == stats.full_cache_bytes * (sum(budgets[:29]) + ids.shape[1]) // (30 * ids.shape[1])
 
 
 def test_lookaheadkv_by_name_uses_the_shipped_module(smollm2, needle_ids):
@@ -113,7 +117,7 @@ def test_lookaheadkv_by_name_uses_the_shipped_module(smollm2, needle_ids):
     assert not shipped.module.training
     explicit = generate(model, tokenizer, needle_ids, policy=shipped, budget=64, max_new_tokens=4)
     assert by_name.token_ids == explicit.token_ids
-    assert by_name.eviction.kept == [64] * 30
+    assert by_name.eviction.kept == shipped.layer_budgets(64, needle_ids.shape[1], 30)
 
 
 def test_oracle_keeps_what_the_answer_needs(smollm2, needle_ids):

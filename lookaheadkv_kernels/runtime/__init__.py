@@ -41,6 +41,7 @@ from .policies import (  # noqa: E402
     SnapKV,
     SpecKV,
     StreamingLLM,
+    depth_ramp_budgets,
     make_policy,
 )
 
@@ -50,5 +51,5 @@ __all__ = [
     "LookaheadConfig", "LookaheadModule", "lookahead_stream",
     "SMOLLM2_INSTALL", "UnsupportedModelError", "cache_dir", "load_model", "smollm2_checkpoint",
     "LAQ", "POLICIES", "KNorm", "LookaheadKV", "Oracle", "Policy", "PyramidKV", "RandomPolicy", "SnapKV", "SpecKV",
-    "StreamingLLM", "make_policy",
+    "StreamingLLM", "depth_ramp_budgets", "make_policy",
 ]

@@ -25,8 +25,10 @@ from .models import LayerParts
 from .tap import LayerInputs, tap_layers
 
 DEFAULT_NUM_SINK = 4
-# LookaheadKV's default smoothing of its scores before ranking (see LookaheadKV).
+# LookaheadKV's default smoothing of its scores before ranking, and its per-layer budget ramp (see
+# LookaheadKV and depth_ramp_budgets).
 LOOKAHEAD_POOL_KERNEL, LOOKAHEAD_POOL_TYPE = 17, "avg"
+LOOKAHEAD_DEPTH_RAMP = 0.5
 
 
 @dataclass
@@ -39,6 +41,34 @@ class Run:
     num_extra: int
     budgets: list[int]
     max_new_tokens: int | None
+
+
+def depth_ramp_budgets(budget: int, num_prompt: int, num_layers: int, ramp: float, floor: int) -> list[int]:
+    """Per-layer budgets linear in depth, from (1 - ramp)·budget at the first layer to (1 + ramp)·budget
+    at the last (ramp in (-1, 1): > 0 gives deep layers more, < 0 shallow ones, like PyramidKV),
+    with the same total as `budget` in every layer.
+
+    Integers by largest remainder, so the sum is exactly num_layers·budget; none below `floor` (what
+    the policy always keeps, plus one scored key), which may take a few entries from the largest.
+    ramp 0, a single layer, a prompt within `budget`, or a budget no larger than `floor` give
+    `budget` everywhere.
+    """
+    if ramp == 0 or num_layers == 1 or budget >= num_prompt or budget <= floor:
+        return [budget] * num_layers
+    exact = [budget * (1 - ramp + 2 * ramp * i / (num_layers - 1)) for i in range(num_layers)]
+    budgets = [max(floor, int(x)) for x in exact]
+    unfloored = sorted((i for i in range(num_layers) if exact[i] >= floor), key=lambda i: int(exact[i]) - exact[i])
+    for i in unfloored[: max(0, num_layers * budget - sum(budgets))]:  # largest remainders first
+        budgets[i] += 1
+    while sum(budgets) > num_layers * budget and max(budgets) > floor:
+        budgets[budgets.index(max(budgets))] -= 1
+    return budgets
+
+
+def check_depth_ramp(depth_ramp) -> float:
+    if isinstance(depth_ramp, bool) or not isinstance(depth_ramp, (int, float)) or not -1 < depth_ramp < 1:
+        raise ValueError(f"depth_ramp must be a number in (-1, 1), got {depth_ramp!r}")
+    return float(depth_ramp)
 
 
 def score_queries(queries: torch.Tensor, keys: torch.Tensor, num_scored: int, parts: LayerParts, options: ScoreOptions):
@@ -305,6 +335,12 @@ class LookaheadKV(Policy):
     kept the full-cache answer likeliest at budgets 64-128 among avg-pools of 3-31, max-pools, GQA max
     and keeping the question (bench/results/lookaheadkv_scoring_sweep.md). Wide windows keep whole
     spans, e.g. all the digits of a number a needle task asks for, where narrow ones keep some.
+
+    `depth_ramp` spreads the budget over depth (`depth_ramp_budgets`): 0.5 by default, i.e. from
+    0.5·budget at the first layer to 1.5·budget at the last, the same KV memory in total. Not in the
+    paper (uniform budgets: depth_ramp=0); chosen on the same held-apart prompts, where deep layers
+    given more of the budget kept the answer likelier than uniform ones (and than PyramidKV's shape,
+    shallow layers first).
     """
 
     name = "lookaheadkv"
@@ -316,6 +352,7 @@ class LookaheadKV(Policy):
         pool_kernel: int = LOOKAHEAD_POOL_KERNEL,
         pool_type: str = LOOKAHEAD_POOL_TYPE,
         recent: int = 0,
+        depth_ramp: float = LOOKAHEAD_DEPTH_RAMP,
         num_sink: int = DEFAULT_NUM_SINK,
     ):
         super().__init__(num_sink)
@@ -325,6 +362,11 @@ class LookaheadKV(Policy):
         check_int("recent", recent, 0)
         self.options = ScoreOptions(gqa_reduce, pool_kernel, pool_type)
         self.recent = recent
+        self.depth_ramp = check_depth_ramp(depth_ramp)
+
+    def layer_budgets(self, budget, num_prompt, num_layers):
+        # Every layer keeps its sinks and its unscored recent tokens plus at least one scored key.
+        return depth_ramp_budgets(budget, num_prompt, num_layers, self.depth_ramp, self.num_sink + self.recent + 1)
 
     def scorer(self, run):
         if self.module.config.architecture["num_hidden_layers"] != len(run.parts):
