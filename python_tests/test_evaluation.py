@@ -247,13 +247,19 @@ def test_cli_lists_the_evaluation_commands():
         harness.parse_policies("snapkv,h2o")
 
 
-def test_snapkv_control_pools_like_lookaheadkv():
+@pytest.mark.parametrize("name, same_budgets", [("snapkv-lkvpool", False), ("snapkv-lkvconfig", True)])
+def test_snapkv_controls_pool_and_budget_like_lookaheadkv(name, same_budgets):
     from lookaheadkv_kernels.evaluation.policies import ALL_POLICIES, build_policy
 
-    control, lookahead = build_policy("snapkv-lkvpool", None), LookaheadKV(trained_looking(tiny_llama()))
-    assert "snapkv-lkvpool" in harness.parse_policies("snapkv,snapkv-lkvpool") and "snapkv-lkvpool" in ALL_POLICIES
+    control, lookahead = build_policy(name, None), LookaheadKV(trained_looking(tiny_llama()))
+    assert name in harness.parse_policies(f"snapkv,{name}") and name in ALL_POLICIES
     assert isinstance(control, SnapKV) and control.window == SnapKV().window
     assert (control.options.pool_kernel, control.options.pool_type) == (lookahead.options.pool_kernel, lookahead.options.pool_type)
+    budgets = control.layer_budgets(128, 4096, 30)
+    assert (budgets == lookahead.layer_budgets(128, 4096, 30)) == same_budgets
+    assert (budgets == [128] * 30) != same_budgets
+    # Never below what SnapKV always keeps (4 sinks + its 32-token window) plus one scored key.
+    assert min(control.layer_budgets(64, 4096, 30)) >= 37 and sum(control.layer_budgets(64, 4096, 30)) == 64 * 30
 
 
 def test_bench_evict_measures_every_policy_against_the_plain_prefill(tokenizer):

@@ -29,7 +29,7 @@ def _parser():
     parser = argparse.ArgumentParser(prog="lookaheadkv demo", description=__doc__.splitlines()[0])
     parser.add_argument("--prompt-file", type=Path, default=None, help="a text file to ask about (default: built-in)")
     parser.add_argument("--question", default=None, help="the question (required with --prompt-file)")
-    parser.add_argument("--budget", default="128", help="KV entries kept per layer and head (int) or a ratio (decimal)")
+    parser.add_argument("--budget", default="128", help="KV entries kept per layer and head (int; the mean over layers where a policy varies it by layer) or a ratio (decimal)")
     parser.add_argument("--policies", default="lookaheadkv,snapkv,laq", help="policies to compare with the full cache")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--model", default="smollm2", help="'smollm2' (embedded) or a local HF checkpoint directory")

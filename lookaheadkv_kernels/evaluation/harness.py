@@ -142,7 +142,7 @@ def _parser():
         help="index of the first sample (the reported suite starts at 0; bench/lookaheadkv_scoring_sweep.py tunes on 1-2)",
     )
     parser.add_argument("--policies", default=",".join(ALL_POLICIES), help="comma-separated policies")
-    parser.add_argument("--budgets", default=DEFAULT_BUDGETS, help="ints = tokens per layer, decimals = ratios")
+    parser.add_argument("--budgets", default=DEFAULT_BUDGETS, help="ints = tokens per layer and KV head (a mean over layers for per-layer schedules), decimals = ratios")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--name", default=None, help="results name: <out>/eval_<name>.* (default 'quick' or 'full')")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)

@@ -3,8 +3,9 @@
 "full" keeps the whole cache. "lookaheadkv" uses a trained lookahead module: the one shipped for the
 model under `lookaheadkv_kernels/data/modules/`, or a directory given with `--module`. Names starting
 with "kvpress-" are kvpress 0.5.x presses run on the same captured prefill (see `kvpress_peers`).
-"snapkv-lkvpool" is a control: SnapKV's window queries with LookaheadKV's default pooling, so the
-suite separates what the lookahead rows add from what the wider pooling adds.
+Two controls, not published methods: "snapkv-lkvpool" is SnapKV's window queries with LookaheadKV's
+default pooling, and "snapkv-lkvconfig" adds LookaheadKV's per-layer budgets (its depth ramp), so
+the suite separates what the lookahead rows add from what the pooling and the budget schedule add.
 """
 
 from __future__ import annotations
@@ -12,12 +13,31 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..runtime.lookahead import LookaheadModule, shipped_module_dir
-from ..runtime.policies import LOOKAHEAD_POOL_KERNEL, LOOKAHEAD_POOL_TYPE, LookaheadKV, SnapKV, make_policy
+from ..runtime.policies import (
+    LOOKAHEAD_DEPTH_RAMP, LOOKAHEAD_POOL_KERNEL, LOOKAHEAD_POOL_TYPE, LookaheadKV, SnapKV, depth_ramp_budgets, make_policy,
+)
 from .kvpress_peers import PRESSES
+
+
+class SnapKVWithLookaheadConfig(SnapKV):
+    """SnapKV (window 32) with LookaheadKV's default pooling and per-layer budgets: everything but the lookahead rows."""
+
+    name = "snapkv-lkvconfig"
+
+    def __init__(self):
+        super().__init__(pool_kernel=LOOKAHEAD_POOL_KERNEL, pool_type=LOOKAHEAD_POOL_TYPE)
+
+    def layer_budgets(self, budget, num_prompt, num_layers):
+        floor = self.num_sink + min(self.window, num_prompt - 1) + 1  # the sinks, the kept window, one scored key
+        return depth_ramp_budgets(budget, num_prompt, num_layers, LOOKAHEAD_DEPTH_RAMP, floor)
+
 
 FULL = "full"
 RUNTIME_POLICIES = ("lookaheadkv", "snapkv", "pyramidkv", "streamingllm", "knorm", "random", "laq", "speckv", "oracle")
-CONTROLS = {"snapkv-lkvpool": lambda: SnapKV(pool_kernel=LOOKAHEAD_POOL_KERNEL, pool_type=LOOKAHEAD_POOL_TYPE)}
+CONTROLS = {
+    "snapkv-lkvpool": lambda: SnapKV(pool_kernel=LOOKAHEAD_POOL_KERNEL, pool_type=LOOKAHEAD_POOL_TYPE),
+    SnapKVWithLookaheadConfig.name: SnapKVWithLookaheadConfig,
+}
 PEER_POLICIES = tuple(PRESSES)
 ALL_POLICIES = (FULL,) + RUNTIME_POLICIES + tuple(CONTROLS) + PEER_POLICIES
 

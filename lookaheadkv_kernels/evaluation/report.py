@@ -94,7 +94,7 @@ def markdown(table: Table, meta: dict, policies, budgets, lengths, tasks) -> str
     count = {n: len({r['uid'] for rs in table.cells.values() for r in rs if r['length'] == n}) for n in lengths}
     lines += [f"Samples per length: {', '.join(f'{n}: {count[n]}' for n in lengths)} ({len(tasks)} tasks).", ""]
 
-    lines += [f"### Mean score at budget {main} (tokens kept per layer and KV head)", ""]
+    lines += [f"### Mean score at budget {main} (tokens kept per layer and KV head; the mean over layers where budgets vary by layer)", ""]
     header = ["policy"] + [f"{n} tok" for n in lengths] + ["all"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for policy in policies:
