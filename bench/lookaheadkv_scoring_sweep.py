@@ -51,6 +51,9 @@ VARIANTS.update({  # per-layer budgets linear in depth (LookaheadKV's depth_ramp
     f"avg-pool 17 + depth ramp {ramp}": dict(pool_kernel=17, pool_type="avg", depth_ramp=ramp)
     for ramp in (-0.5, 0.25, 0.5, 0.75)
 })
+VARIANTS.update({  # other widths with the default ramp (measured at 8K, where the default width was not tuned)
+    f"avg-pool {kernel} + depth ramp 0.5": dict(pool_kernel=kernel, pool_type="avg", depth_ramp=0.5) for kernel in (9, 13, 25, 31)
+})
 REFERENCES = {"SnapKV (paper config)": SnapKV, "Oracle": Oracle}
 
 
