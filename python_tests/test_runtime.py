@@ -394,12 +394,13 @@ def test_budget_resolution():
 @pytest.mark.parametrize("budget, layers", [(128, 30), (72, 3), (7, 30), (1000, 64)])
 def test_depth_ramp_budgets_keep_the_total_and_rise_linearly(ramp, budget, layers):
     budgets = depth_ramp_budgets(budget, 10_000, layers, ramp, floor=5)
-    floored = any(budget * (1 - abs(ramp)) < 5 for _ in [0])
+    floored = budget * (1 - abs(ramp)) < 5  # the smallest layer would fall below the floor
     assert len(budgets) == layers and min(budgets) >= 5
     if not floored:
         assert sum(budgets) == layers * budget  # same KV memory as uniform budgets
     exact = [budget * (1 - ramp + 2 * ramp * i / (layers - 1)) for i in range(layers)]
-    assert all(abs(b - max(5, x)) < 1 + floored * 5 for b, x in zip(budgets, exact))
+    # Within one entry of the linear shape; where the floor lifted small layers, the largest paid for it.
+    assert all(abs(b - max(5, x)) < (6 if floored else 1) for b, x in zip(budgets, exact))
     steps = [b - a for a, b in zip(budgets, budgets[1:])]
     assert all(s >= 0 for s in steps) if ramp > 0 else all(s <= 0 for s in steps)
 
