@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import attention_scores
-from ..ops.validation import check_int
+from ..ops.validation import check_finite, check_int
 from .cache import CompactedCache, compact_layer
 from .lookahead import LookaheadModule, ScoreOptions, initial_hidden, lookahead_layer, lookahead_positions
 from .models import LayerParts
@@ -66,8 +66,9 @@ def depth_ramp_budgets(budget: int, num_prompt: int, num_layers: int, ramp: floa
 
 
 def check_depth_ramp(depth_ramp) -> float:
-    if isinstance(depth_ramp, bool) or not isinstance(depth_ramp, (int, float)) or not -1 < depth_ramp < 1:
-        raise ValueError(f"depth_ramp must be a number in (-1, 1), got {depth_ramp!r}")
+    check_finite("depth_ramp", depth_ramp)
+    if not -1 < depth_ramp < 1:
+        raise ValueError(f"depth_ramp must be in (-1, 1), got {depth_ramp!r}")
     return float(depth_ramp)
 
 
