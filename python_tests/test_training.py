@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 
@@ -25,7 +26,7 @@ from lookaheadkv_kernels.training import (  # noqa: E402
     topk_recall,
 )
 from lookaheadkv_kernels.training import data as data_module  # noqa: E402
-from lookaheadkv_kernels.training.teacher import write_record  # noqa: E402
+from lookaheadkv_kernels.training.teacher import build_records, record_text, write_record  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 from lookaheadkv_kernels.runtime.lookahead import lookahead_stream  # noqa: E402
@@ -307,11 +308,10 @@ def test_report_replay_keeps_what_the_evicting_prefill_keeps(model, policy_name)
 # ---- command line ------------------------------------------------------------------------------
 
 
-def test_train_command_end_to_end(tmp_path, monkeypatch):
-    """`lookaheadkv train` on a tiny random Llama that uses SmolLM2's tokenizer (skipped without it)."""
+def tiny_model_with_smollm2_tokenizer():
+    """A tiny random Llama over SmolLM2's tokenizer (the test is skipped without the tokenizer)."""
     from transformers import AutoTokenizer
 
-    from lookaheadkv_kernels.cli import main
     from lookaheadkv_kernels.runtime.models import smollm2_checkpoint
 
     try:
@@ -321,6 +321,29 @@ def test_train_command_end_to_end(tmp_path, monkeypatch):
     model = tiny_model()
     model.resize_token_embeddings(len(tokenizer))
     model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, tokenizer
+
+
+def test_teacher_records_are_reused_only_for_the_same_prompt(tmp_path):
+    model, tokenizer = tiny_model_with_smollm2_tokenizer()
+    samples = make_samples("train", 2, words, min_tokens=30, max_tokens=40)
+    paths = build_records(model, tokenizer, samples, tmp_path, max_new_tokens=2, progress=False)
+    written = [p.stat().st_mtime_ns for p in paths]
+    assert build_records(model, tokenizer, samples, tmp_path, max_new_tokens=2, progress=False) == paths
+    assert [p.stat().st_mtime_ns for p in paths] == written  # same prompts: nothing answered again
+    # Same split, index and task (so the same file name) but a different prompt, as after a change
+    # of the data generator: that record is answered again, the other one is kept.
+    changed = dataclasses.replace(samples[0], prompt=samples[0].prompt + " Answer in one word.")
+    build_records(model, tokenizer, [changed, samples[1]], tmp_path, max_new_tokens=2, progress=False)
+    assert record_text(paths[0])["prompt"] == changed.prompt
+    assert paths[1].stat().st_mtime_ns == written[1]
+
+
+def test_train_command_end_to_end(tmp_path, monkeypatch):
+    """`lookaheadkv train` on a tiny random Llama that uses SmolLM2's tokenizer (skipped without it)."""
+    from lookaheadkv_kernels.cli import main
+
+    model, tokenizer = tiny_model_with_smollm2_tokenizer()
     model.save_pretrained(tmp_path / "tiny")
     tokenizer.save_pretrained(tmp_path / "tiny")
     monkeypatch.setenv("LOOKAHEADKV_CACHE", str(tmp_path / "cache"))

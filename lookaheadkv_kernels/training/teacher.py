@@ -111,14 +111,17 @@ def build_records(
     batch_size: int = 8,
     progress: bool = True,
 ) -> list[Path]:
-    """Write the record of every sample not yet on disk under `directory`; return all their paths.
+    """Write the record of every sample not yet on disk under `directory` (or on disk for another prompt);
+    return all their paths.
 
     Samples are answered `batch_size` at a time; each finished batch is on disk before the next
     starts, so an interrupted build loses at most one batch.
     """
     device = next(model.parameters()).device
     paths = [record_path(directory, s) for s in samples]
-    todo = [(s, p) for s, p in zip(samples, paths) if not p.is_file()]
+    # A record is reused only if it answers the same prompt: records are named by split, index and
+    # task, which stay the same when the data generator changes what a sample's prompt says.
+    todo = [(s, p) for s, p in zip(samples, paths) if not p.is_file() or record_text(p).get("prompt") != s.prompt]
     bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc="teacher answers", disable=not progress)
     for first in range(0, len(todo), batch_size):
         chunk = todo[first : first + batch_size]
