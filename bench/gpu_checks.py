@@ -41,7 +41,7 @@ def qproj_inputs(dtype=torch.bfloat16, gen=None, N=4096):
 
 def eviction(qproj_args, k, v, budget, num_sink=4):
     q = kernels.lookahead_qproj(*qproj_args).transpose(0, 1).unsqueeze(0)  # [1, Hq, T, D]
-    out, scores = kernels.lookahead_attention(q, k, v, k.shape[2] - T, D ** -0.5, "mean", 7, "max")
+    out, scores = kernels.lookahead_attention(q, k, v, k.shape[2] - T, D ** -0.5, "mean", 17, "avg", "max")  # LookaheadKV's scoring
     return (q, out, scores) + kernels.select_compact(scores, k, v, budget, num_sink)
 
 
@@ -121,9 +121,9 @@ def timing():
                      randn(1, HKV, N, D, dtype=dtype, gen=gen)) for _ in range(2)]
             es = sets[0][1].element_size()
             qk_flops = 2 * HQ * T * N * D
-            ms = median_ms(lambda q, k, v: kernels.attention_scores(q, k, N - T, D ** -0.5, "mean", 7, "max"), sets)
+            ms = median_ms(lambda q, k, v: kernels.attention_scores(q, k, N - T, D ** -0.5, "mean", 7, "max", "mean"), sets)
             report(f"attention_scores {str(dtype)[6:]} N={N}", ms, es * HKV * N * D, qk_flops)
-            ms = median_ms(lambda q, k, v: kernels.lookahead_attention(q, k, v, N - T, D ** -0.5, "mean", 7, "max"), sets)
+            ms = median_ms(lambda q, k, v: kernels.lookahead_attention(q, k, v, N - T, D ** -0.5, "mean", 17, "avg", "max"), sets)
             report(f"lookahead_attention {str(dtype)[6:]} N={N}", ms, 2 * es * HKV * N * D, 2 * qk_flops)
     for N in (8192, 32768, 131072):
         for budget in (512, 2048):
@@ -170,8 +170,8 @@ def sanitize():
     ]
     for dtype, Hq, Hkv, Tq, N, D_ in cases:
         q, k, v = randn(1, Hq, Tq, D_, dtype=dtype, gen=gen), randn(1, Hkv, N, D_, dtype=dtype, gen=gen), randn(1, Hkv, N, D_, dtype=dtype, gen=gen)
-        kernels.lookahead_attention(q, k, v, N - 2, D_ ** -0.5, "max", 5, "avg")
-        kernels.attention_scores(q, k, N, D_ ** -0.5, "mean", 7, "max")
+        kernels.lookahead_attention(q, k, v, N - 2, D_ ** -0.5, "max", 5, "avg", "max")
+        kernels.attention_scores(q, k, N, D_ ** -0.5, "mean", 7, "max", "mean")
     for N, S, budget in ((300, 268, 100), (9000, 8900, 700), (5000, 4900, 6000)):  # short, long, keep-all rows
         k, v = randn(1, 2, N, 64, gen=gen), randn(1, 2, N, 64, gen=gen)
         kernels.select_compact(torch.randn(1, 2, S, device="cuda", generator=gen), k, v, budget, 4)

@@ -29,7 +29,7 @@ from lookaheadkv_kernels.evaluation.replay import capture_prefill, decode, evict
 from lookaheadkv_kernels.evaluation.tasks import DEFAULT_SEED, TASKS, make_sample, prompt_ids
 from lookaheadkv_kernels.runtime import LookaheadKV, Oracle, SnapKV, load_model, ragged_masks
 
-POOLINGS = {  # name: LookaheadKV scoring options (pool_kernel, pool_type, gqa_reduce, recent), uniform budgets
+POOLINGS = {  # name: LookaheadKV scoring options (pool_kernel, pool_type, gqa_reduce, recent), uniform budgets, query mean
     "none": dict(pool_kernel=1),
     "max-pool 3": dict(pool_kernel=3, pool_type="max"),
     "max-pool 7": dict(pool_kernel=7, pool_type="max"),
@@ -46,13 +46,18 @@ POOLINGS = {  # name: LookaheadKV scoring options (pool_kernel, pool_type, gqa_r
     "avg-pool 5 + recent 16": dict(pool_kernel=5, pool_type="avg", recent=16),
     "avg-pool 5 + recent 32": dict(pool_kernel=5, pool_type="avg", recent=32),
 }
-VARIANTS = {name: dict(options, depth_ramp=0) for name, options in POOLINGS.items()}
+VARIANTS = {name: dict(options, depth_ramp=0, query_reduce="mean") for name, options in POOLINGS.items()}
 VARIANTS.update({  # per-layer budgets linear in depth (LookaheadKV's depth_ramp), with the default pooling
-    f"avg-pool 17 + depth ramp {ramp}": dict(pool_kernel=17, pool_type="avg", depth_ramp=ramp)
+    f"avg-pool 17 + depth ramp {ramp}": dict(pool_kernel=17, pool_type="avg", depth_ramp=ramp, query_reduce="mean")
     for ramp in (-0.5, 0.25, 0.5, 0.75)
 })
 VARIANTS.update({  # other widths with the default ramp (measured at 8K, where the default width was not tuned)
-    f"avg-pool {kernel} + depth ramp 0.5": dict(pool_kernel=kernel, pool_type="avg", depth_ramp=0.5) for kernel in (9, 13, 25, 31)
+    f"avg-pool {kernel} + depth ramp 0.5": dict(pool_kernel=kernel, pool_type="avg", depth_ramp=0.5, query_reduce="mean")
+    for kernel in (9, 13, 25, 31)
+})
+VARIANTS.update({  # each key scored by the lookahead query that attends to it most, not by their mean
+    "avg-pool 17 + depth ramp 0.5 + query max": dict(pool_kernel=17, pool_type="avg", depth_ramp=0.5, query_reduce="max"),
+    "avg-pool 17 + query max": dict(pool_kernel=17, pool_type="avg", depth_ramp=0, query_reduce="max"),
 })
 REFERENCES = {"SnapKV (paper config)": SnapKV, "Oracle": Oracle}
 

@@ -43,7 +43,7 @@ void qproj(uintptr_t x, int64_t x_row, uintptr_t weight, int64_t w_row, uintptr_
 void attention(uintptr_t q, int64_t q_b, int64_t q_h, int64_t q_t, uintptr_t k, int64_t k_b, int64_t k_h, int64_t k_n,
                uintptr_t v, int64_t v_b, int64_t v_h, int64_t v_n, int dtype, uintptr_t out, uintptr_t scores, int64_t B,
                int64_t Hq, int64_t Hkv, int64_t Tq, int64_t N, int64_t D, int64_t S, double scale, bool gqa_max,
-               int64_t pool_kernel, bool pool_max, int num_threads) {
+               bool query_max, int64_t pool_kernel, bool pool_max, int num_threads) {
   check_arg(q && k && scores, "attention: null pointer for q, k or scores");
   check_arg((v == 0) == (out == 0), "attention: v and out must be given together (lookahead_attention)");
   check_arg(B >= 1 && Hq >= 1 && Hkv >= 1 && Tq >= 1 && N >= 1 && D >= 1, "attention: sizes must be >= 1");
@@ -53,7 +53,7 @@ void attention(uintptr_t q, int64_t q_b, int64_t q_h, int64_t q_t, uintptr_t k, 
   const cpu::AttentionArgs args{
       cptr<void>(q), q_b, q_h, q_t, cptr<void>(k), k_b, k_h, k_n, cptr<void>(v), v_b, v_h, v_n, to_dtype(dtype),
       reinterpret_cast<void*>(out), reinterpret_cast<float*>(scores), B, Hq, Hkv, Tq, N, D, S, float(scale),
-      gqa_max, pool_kernel, pool_max, num_threads,
+      gqa_max, query_max, pool_kernel, pool_max, num_threads,
   };
   py::gil_scoped_release release;
   cpu::attention(args);
@@ -90,7 +90,7 @@ PYBIND11_MODULE(_C_cpu, m) {
         py::arg("k_b"), py::arg("k_h"), py::arg("k_n"), py::arg("v"), py::arg("v_b"), py::arg("v_h"), py::arg("v_n"),
         py::arg("dtype"), py::arg("out"), py::arg("scores"), py::arg("B"), py::arg("Hq"), py::arg("Hkv"),
         py::arg("Tq"), py::arg("N"), py::arg("D"), py::arg("S"), py::arg("scale"), py::arg("gqa_max"),
-        py::arg("pool_kernel"), py::arg("pool_max"), py::arg("num_threads"));
+        py::arg("query_max"), py::arg("pool_kernel"), py::arg("pool_max"), py::arg("num_threads"));
   m.def("select_compact", &select_compact, py::arg("scores"), py::arg("s_b"), py::arg("s_h"), py::arg("s_s"),
         py::arg("k"), py::arg("k_b"), py::arg("k_h"), py::arg("k_n"), py::arg("v"), py::arg("v_b"), py::arg("v_h"),
         py::arg("v_n"), py::arg("element_size"), py::arg("k_out"), py::arg("v_out"), py::arg("kept"), py::arg("B"),

@@ -52,8 +52,8 @@ void lookahead_qproj(int dtype, uintptr_t x, int64_t x_row_stride, uintptr_t wei
 void attention(int dtype, uintptr_t q, int64_t q_sb, int64_t q_sh, int64_t q_st, uintptr_t k, int64_t k_sb,
                int64_t k_sh, int64_t k_sn, uintptr_t v, int64_t v_sb, int64_t v_sh, int64_t v_sn, int64_t B, int64_t Hq,
                int64_t Hkv, int64_t Tq, int64_t N, int64_t D, int64_t S, double scale, bool gqa_max,
-               int64_t pool_kernel, bool pool_avg, uintptr_t out, uintptr_t scores, uintptr_t workspace, int num_sms,
-               uintptr_t stream) {
+               bool query_max, int64_t pool_kernel, bool pool_avg, uintptr_t out, uintptr_t scores, uintptr_t workspace,
+               int num_sms, uintptr_t stream) {
   cuda::AttentionArgs a;
   a.dtype = to_dtype(dtype);
   a.q = as_ptr<const void>(q);
@@ -65,6 +65,7 @@ void attention(int dtype, uintptr_t q, int64_t q_sb, int64_t q_sh, int64_t q_st,
   a.B = B; a.Hq = Hq; a.Hkv = Hkv; a.Tq = Tq; a.N = N; a.D = D; a.S = S;
   a.scale = static_cast<float>(scale);
   a.gqa_max = gqa_max;
+  a.query_max = query_max;
   a.pool_kernel = pool_kernel;
   a.pool_avg = pool_avg;
   a.out = as_ptr<void>(out);

@@ -27,23 +27,24 @@ def with_threads(n, fn):
 
 # ---- attention -------------------------------------------------------------------------------
 
-# (B, Hq, Hkv, Tq, N, D, S, gqa_reduce, pool_kernel, pool_type)
+# (B, Hq, Hkv, Tq, N, D, S, gqa_reduce, pool_kernel, pool_type, query_reduce)
 LONG_CASES = [
-    (1, 8, 2, 32, 5000, 64, 4968, "mean", 7, "max"),  # several 1536-key chunks, GQA 4
-    (2, 3, 1, 5, 3100, 128, 3000, "max", 5, "avg"),   # GQA 3, Tq not a multiple of 16
-    (1, 4, 4, 700, 1800, 32, 1800, "mean", 1, "max"),  # many query rows (44 lane tiles), Tq ~ N
+    (1, 8, 2, 32, 5000, 64, 4968, "mean", 7, "max", "mean"),  # several 1536-key chunks, GQA 4
+    (1, 9, 3, 32, 5000, 64, 5000, "mean", 17, "avg", "max"),  # LookaheadKV's scoring on SmolLM2's heads
+    (2, 3, 1, 5, 3100, 128, 3000, "max", 5, "avg", "max"),    # GQA 3, Tq not a multiple of 16
+    (1, 4, 4, 700, 1800, 32, 1800, "mean", 1, "max", "mean"),  # many query rows (44 lane tiles), Tq ~ N
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", LONG_CASES, ids=lambda c: "x".join(map(str, c)))
 def test_long_sequences_against_float64_reference(dtype, case):
-    B, Hq, Hkv, Tq, N, D, S, reduce, pool_kernel, pool_type = case
+    B, Hq, Hkv, Tq, N, D, S, reduce, pool_kernel, pool_type, query_reduce = case
     g = torch.Generator().manual_seed(N)
     q = randn(B, Hq, Tq, D, dtype=dtype, generator=g, scale=2.0)
     k = randn(B, Hkv, N, D, dtype=dtype, generator=g)
     v = randn(B, Hkv, N, D, dtype=dtype, generator=g)
-    args = (S, D**-0.5, reduce, pool_kernel, pool_type)
+    args = (S, D**-0.5, reduce, pool_kernel, pool_type, query_reduce)
     ref_out, ref_scores = reference.lookahead_attention(q.double(), k.double(), v.double(), *args)
     out, scores = cpu.lookahead_attention(q, k, v, *args)
     assert torch.equal(scores, cpu.attention_scores(q, k, *args))
@@ -57,21 +58,23 @@ def test_results_do_not_depend_on_the_thread_count():
     q = randn(2, 8, 32, 64, generator=g)
     k = randn(2, 2, 4000, 64, generator=g)
     v = randn(2, 2, 4000, 64, generator=g)
-    args = (3968, 0.125, "mean", 7, "max")
+    args = (3968, 0.125, "mean", 7, "max", "max")
     one = with_threads(1, lambda: cpu.lookahead_attention(q, k, v, *args))
     for threads in (2, 3):
         many = with_threads(threads, lambda: cpu.lookahead_attention(q, k, v, *args))
         assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
 
 
-def test_nan_query_row_matches_torch_softmax():
+@pytest.mark.parametrize("query_reduce", ["mean", "max"])
+def test_nan_query_row_matches_torch_softmax(query_reduce):
     """A NaN logit makes torch's softmax row all NaN, masked keys included: the reference's (and
-    these kernels') scores are NaN for every key of that head's group."""
+    these kernels') scores are NaN for every key of that head's group, for a mean or a max over
+    the queries."""
     g = torch.Generator().manual_seed(1)
     q = randn(1, 4, 3, 64, generator=g)
     k = randn(1, 2, 300, 64, generator=g)
     q[0, 1, 2, 5] = float("nan")
-    args = (290, 0.125, "mean", 3, "avg")
+    args = (290, 0.125, "mean", 3, "avg", query_reduce)
     scores = cpu.attention_scores(q, k, *args)
     expected = reference.attention_scores(q.double(), k.double(), *args)
     assert torch.equal(torch.isnan(scores), torch.isnan(expected))

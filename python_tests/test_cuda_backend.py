@@ -123,26 +123,67 @@ def attention_inputs(case, dtype, g):
     return tuple(randn(*shape, dtype=dtype, generator=g) for shape in ((B, Hq, Tq, D), (B, Hkv, N, D), (B, Hkv, N, D)))
 
 
-def attention_args(case):
+def attention_args(case, query_reduce="mean"):
     *_, D, S, reduce, pool_kernel, pool_type = case
-    return S, D ** -0.5, reduce, pool_kernel, pool_type
+    return S, D ** -0.5, reduce, pool_kernel, pool_type, query_reduce
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "x".join(map(str, c)))
-def test_emulated_attention(emulated, dtype, case):
+def expected_scores(q, k, case, query_reduce):
+    """Float64 scores written out here (independent of reference._scores): per-head mean/max over the
+    Tq query rows, GQA mean/max, then the reference's pooling."""
+    *_, D, S, reduce, pool_kernel, pool_type = case
+    probs = reference._grouped_probabilities(q.double(), k.double(), D ** -0.5)[..., :S]  # [B, Hkv, G, Tq, S]
+    per_head = probs.mean(dim=3) if query_reduce == "mean" else probs.amax(dim=3)
+    raw = per_head.mean(dim=2) if reduce == "mean" else per_head.amax(dim=2)
+    return reference._pool(raw, pool_kernel, pool_type)
+
+
+# query_reduce = "max": Tq = 1, GQA 1/3/8, pooled and unpooled, head segments, several key chunks
+QUERY_MAX_CASES = [
+    (1, 1, 1, 1, 1, 64, 1, "mean", 1, "max"),        # N = 1, Tq = 1
+    (2, 4, 1, 1, 90, 64, 90, "max", 1, "max"),       # Tq = 1, GQA 4, unpooled
+    (2, 4, 4, 5, 37, 64, 37, "max", 7, "max"),       # GQA 1, pooling
+    (1, 6, 2, 8, 50, 64, 42, "mean", 5, "avg"),      # GQA 3, S < N
+    (1, 8, 1, 7, 130, 128, 100, "max", 5, "avg"),    # GQA 8, several key tiles
+    (1, 2, 1, 3, 20, 256, 3, "mean", 7, "avg"),      # D = 256, pool wider than S
+    (1, 8, 2, 40, 300, 96, 280, "mean", 3, "max"),   # 3 m-tiles per head: two row blocks per group
+    (1, 2, 1, 150, 160, 64, 150, "max", 1, "avg"),   # Tq > 128: a head spans two row blocks (segments)
+    (1, 4, 2, 150, 170, 32, 160, "mean", 5, "max"),  # segments, GQA mean
+    (2, 4, 2, 4, 70, 20, 66, "mean", 31, "max"),     # D % 8 != 0: element-wise tile loads; widest pool
+]
+
+
+def check_attention_case(module, dtype, case, query_reduce):
     q, k, v = attention_inputs(case, dtype, torch.Generator().manual_seed(len(case) + case[4]))
-    args = CHECKS["lookahead_attention"](q, k, v, *attention_args(case))
+    args = CHECKS["lookahead_attention"](q, k, v, *attention_args(case, query_reduce))
     want_out, want_scores = reference.lookahead_attention(q.double(), k.double(), v.double(), *args[3:])
-    for launch in launches(emulated):
+    assert_close(want_scores, expected_scores(q, k, case, query_reduce), what="reference scores", rtol=1e-12, atol=0)
+    for launch in launches(module):
         out, scores = cuda_backend.run_attention(launch, *args)
         _, alone = cuda_backend.run_attention(launch, args[0], args[1], None, *args[3:])
-        what = f"(num_sms={launch.num_sms})"
+        what = f"(query_reduce={query_reduce}, num_sms={launch.num_sms})"
         assert_close(scores, want_scores, what=f"scores {what}", **score_tolerance(dtype))
         assert_close(out, want_out, what=f"out {what}", **output_tolerance(dtype))
         assert torch.equal(alone, scores), "attention_scores differs from lookahead_attention's scores"
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_emulated_attention(emulated, dtype, case):
+    check_attention_case(emulated, dtype, case, "mean")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", QUERY_MAX_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_emulated_attention_query_max(emulated, dtype, case):
+    check_attention_case(emulated, dtype, case, "max")
+
+
+def test_emulated_attention_query_reduce_is_per_head():
+    """Guards the test data: with several query rows, max and mean over them give different scores."""
+    case = QUERY_MAX_CASES[4]
+    q, k, _ = attention_inputs(case, F32, torch.Generator().manual_seed(len(case) + case[4]))
+    assert not torch.allclose(expected_scores(q, k, case, "max"), expected_scores(q, k, case, "mean"))
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
 @pytest.mark.parametrize("layout", ["transposed", "row_stride_plus_1"])
 def test_emulated_attention_strided(emulated, dtype, layout):
@@ -164,19 +205,30 @@ def test_emulated_attention_strided(emulated, dtype, layout):
         assert_close(out, want_out, what="out", **output_tolerance(dtype))
 
 
-def test_emulated_attention_nan_row(emulated):
+@pytest.mark.parametrize("query_reduce", ["mean", "max"])
+@pytest.mark.parametrize("Tq", [4, 150])
+def test_emulated_attention_nan_row(emulated, query_reduce, Tq):
     """docs/ops.md: a row whose logits contain NaN yields NaN scores for the keys it touches. Query
     row 0 of head 1 sees keys 0..N-Tq; every other row is finite, so under max reduce the keys
-    after N-Tq (touched only by later rows) stay finite."""
-    B, Hq, Hkv, Tq, N, D = 1, 2, 1, 4, 24, 64
+    after N-Tq (touched only by later rows) stay finite. Tq = 150: the NaN row is in the first of
+    two segments of its head, a later row (in the second segment) in the other case."""
+    B, Hq, Hkv, N, D = 1, 2, 1, Tq + 20, 64
     g = torch.Generator().manual_seed(0)
     q, k, v = (randn(*s, dtype=BF16, generator=g) for s in ((B, Hq, Tq, D), (B, Hkv, N, D), (B, Hkv, N, D)))
     q[0, 1, 0, 3] = float("nan")
-    args = CHECKS["lookahead_attention"](q, k, v, N, D ** -0.5, "max", 1, "max")
-    out, scores = cuda_backend.run_attention(PoisonedLaunch(emulated, 0, 4), *args)
-    assert torch.isnan(scores[0, 0, : N - Tq + 1]).all()
-    assert torch.isfinite(scores[0, 0, N - Tq + 1:]).all()
-    assert torch.isnan(out[0, 1, 0]).all() and torch.isfinite(out[0, 0]).all() and torch.isfinite(out[0, 1, 1:]).all()
+    args = CHECKS["lookahead_attention"](q, k, v, N, D ** -0.5, "max", 1, "max", query_reduce)
+    for launch in launches(emulated):
+        out, scores = cuda_backend.run_attention(launch, *args)
+        assert torch.isnan(scores[0, 0, : N - Tq + 1]).all()
+        assert torch.isfinite(scores[0, 0, N - Tq + 1:]).all()
+        assert torch.isnan(out[0, 1, 0]).all() and torch.isfinite(out[0, 0]).all() and torch.isfinite(out[0, 1, 1:]).all()
+    if Tq > 128:  # a NaN row in the second segment of head 0
+        q[0, 1, 0, 3] = 0.0
+        q[0, 0, 140, 3] = float("nan")
+        args = CHECKS["lookahead_attention"](q, k, v, N, D ** -0.5, "max", 1, "max", query_reduce)
+        _, scores = cuda_backend.run_attention(PoisonedLaunch(emulated, 0, 4), *args)
+        assert torch.isnan(scores[0, 0, : N - Tq + 141]).all()
+        assert torch.isfinite(scores[0, 0, N - Tq + 141:]).all()
 
 
 # ---- select_compact -----------------------------------------------------------------------------
@@ -248,7 +300,7 @@ def eviction(x, weight, cos, sin, k, v, lora_a, lora_b):
     """lookahead_qproj -> lookahead_attention -> select_compact, as the runtime chains them."""
     q = cuda_backend.lookahead_qproj(x, weight, None, lora_a, lora_b, 2.0, cos, sin, 32, None, 1e-6)
     q = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, T, D], strided
-    out, scores = cuda_backend.lookahead_attention(q, k, v, k.shape[2] - 32, 128 ** -0.5, "mean", 7, "max")
+    out, scores = cuda_backend.lookahead_attention(q, k, v, k.shape[2] - 32, 128 ** -0.5, "mean", 7, "max", "mean")
     k_out, v_out, kept = cuda_backend.select_compact(scores, k, v, 512, 4)
     return q, out, scores, k_out, v_out, kept
 
@@ -311,14 +363,16 @@ def test_gpu_side_stream_and_determinism():
 
 
 @gpu
+@pytest.mark.parametrize("query_reduce", ["mean", "max"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gpu_large_attention_and_select(dtype):
+def test_gpu_large_attention_and_select(dtype, query_reduce):
     """Many key chunks and long select rows at real sizes, against the float64 reference."""
     g = torch.Generator().manual_seed(2)
     B, Hq, Hkv, Tq, N, D = 1, 32, 8, 32, 20000, 128
     q, k, v = (randn(*s, dtype=dtype, device="cuda", generator=g) for s in ((B, Hq, Tq, D), (B, Hkv, N, D), (B, Hkv, N, D)))
-    out, scores = cuda_backend.lookahead_attention(q, k, v, N - Tq, D ** -0.5, "max", 7, "max")
-    want_out, want_scores = reference.lookahead_attention(q.double(), k.double(), v.double(), N - Tq, D ** -0.5, "max", 7, "max")
+    args = (N - Tq, D ** -0.5, "max", 7, "max", query_reduce)
+    out, scores = cuda_backend.lookahead_attention(q, k, v, *args)
+    want_out, want_scores = reference.lookahead_attention(q.double(), k.double(), v.double(), *args)
     assert_close(scores, want_scores, what="scores", **score_tolerance(dtype))
     assert_close(out, want_out, what="out", **output_tolerance(dtype))
     k_out, v_out, kept = cuda_backend.select_compact(scores, k, v, 1024, 4)

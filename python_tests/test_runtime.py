@@ -31,7 +31,7 @@ from lookaheadkv_kernels.runtime import (  # noqa: E402
     ragged_masks,
     resolve_budget,
 )
-from lookaheadkv_kernels.runtime.lookahead import target_linear  # noqa: E402
+from lookaheadkv_kernels.runtime.lookahead import ScoreOptions, target_linear  # noqa: E402
 from lookaheadkv_kernels.runtime.models import layer_parts  # noqa: E402
 from lookaheadkv_kernels.runtime.policies import Run  # noqa: E402
 from lookaheadkv_kernels.runtime.tap import tap_layers  # noqa: E402
@@ -144,10 +144,14 @@ def test_lookahead_stream_equals_joint_forward_with_row_masked_lora(family):
         hidden, scores = lookahead_stream(model, module, kv)
     torch.testing.assert_close(model.model.norm(hidden), joint.last_hidden_state[:, N:], rtol=1e-4, atol=1e-4)
     groups = model.config.num_attention_heads // model.config.num_key_value_heads
-    for layer_scores, probs in zip(scores, joint.attentions):
+    with torch.no_grad():
+        _, max_scores = lookahead_stream(model, module, kv, options=ScoreOptions(query_reduce="max"))
+    for layer_scores, layer_max_scores, probs in zip(scores, max_scores, joint.attentions):
         expected = probs[:, :, N:, :N].mean(dim=2)  # [B, Hq, N]: mean over the lookahead queries
         expected = expected.view(1, -1, groups, N).mean(dim=2)  # GQA mean
         torch.testing.assert_close(layer_scores, expected, rtol=1e-4, atol=1e-6)
+        expected_max = probs[:, :, N:, :N].amax(dim=2).view(1, -1, groups, N).mean(dim=2)  # the likeliest query's
+        torch.testing.assert_close(layer_max_scores, expected_max, rtol=1e-4, atol=1e-6)
     assert len(scores) == model.config.num_hidden_layers and n == 6
 
 
@@ -262,7 +266,10 @@ def collect_scores(model, ids, policy):
     return scores
 
 
-@pytest.mark.parametrize("snapkv", [SnapKV(), SnapKV.kvpress(), SnapKV(window=16, gqa_reduce="max", pool_kernel=1)])
+@pytest.mark.parametrize(
+    "snapkv",
+    [SnapKV(), SnapKV.kvpress(), SnapKV(window=16, gqa_reduce="max", pool_kernel=1), SnapKV(window=16, query_reduce="max")],
+)
 def test_snapkv_scores_equal_eager_attention(family, snapkv):
     model = tiny_model(family, "eager")
     ids = prompt_ids(80)
@@ -271,7 +278,9 @@ def test_snapkv_scores_equal_eager_attention(family, snapkv):
         attentions = model(input_ids=ids, output_attentions=True).attentions
     groups = model.config.num_attention_heads // model.config.num_key_value_heads
     for scores, probs in zip(collect_scores(model, ids, snapkv), attentions):
-        raw = probs[:, :, N - w :, : N - w].mean(dim=2).view(1, -1, groups, N - w)
+        window_votes = probs[:, :, N - w :, : N - w]
+        raw = window_votes.mean(dim=2) if snapkv.options.query_reduce == "mean" else window_votes.amax(dim=2)
+        raw = raw.view(1, -1, groups, N - w)
         raw = raw.mean(dim=2) if snapkv.options.gqa_reduce == "mean" else raw.amax(dim=2)
         k = snapkv.options.pool_kernel
         if snapkv.options.pool_type == "max":
@@ -453,6 +462,9 @@ def test_policy_names_and_options():
     assert a.token_ids == b.token_ids
     with pytest.raises(ValueError, match="num_sink"):
         SnapKV(num_sink=-1)
+    assert LookaheadKV(module).options.query_reduce == "max" and SnapKV().options.query_reduce == "mean"
+    with pytest.raises(ValueError, match="query_reduce"):
+        generate(model, None, ids, policy=LookaheadKV(module, query_reduce="sum"), budget=12, max_new_tokens=1)
     with pytest.raises(ValueError, match="vocab_size"):
         generate(model, None, ids, policy=SpecKV(draft_model=tiny_model("llama", vocab_size=64)), budget=36)
 

@@ -16,8 +16,8 @@ def sample_args(device, requires_grad=False):
     T, hidden, H, D = 4, 32, 2, 16
     qproj = (r(T, hidden), r(H * D, hidden), r(H * D), r(4, hidden), r(H * D, 4), 2.0, r(T, D), r(T, D), H, r(D), 1e-6)
     q, k, v = r(1, 4, 3, D), r(1, 2, 12, D), r(1, 2, 12, D)
-    attention = (q, k, 10, 0.25, "mean", 5, "avg")
-    lookahead = (q, k, v, 12, 0.25, "max", 3, "max")
+    attention = (q, k, 10, 0.25, "mean", 5, "avg", "max")
+    lookahead = (q, k, v, 12, 0.25, "max", 3, "max", "mean")
     kd = k.detach()
     select = (torch.randn(1, 2, 10, generator=g).to(device), kd, kd.clone(), 6, 1)
     return {
@@ -54,7 +54,8 @@ def test_torch_compile_fullgraph_eviction():
         torch.testing.assert_close(got, want)
 
 
-def test_gradients_match_float64_reference():
+@pytest.mark.parametrize("query_reduce", ["mean", "max"])
+def test_gradients_match_float64_reference(query_reduce):
     """Training the lookahead module differentiates through lookahead_qproj and lookahead_attention."""
     args = sample_args("cpu", requires_grad=True)
     x, weight, bias, lora_a, lora_b, scale, cos, sin, H, norm, eps = args["lookahead_qproj"]
@@ -63,7 +64,7 @@ def test_gradients_match_float64_reference():
     def loss(op_qproj, op_attention, cast):
         q = op_qproj(cast(x), cast(weight), cast(bias), cast(lora_a), cast(lora_b), scale, cast(cos), cast(sin), H, cast(norm), eps)
         q = q.transpose(0, 1).unsqueeze(0)
-        out, scores = op_attention(q, cast(k), cast(v), 12, 0.25, "mean", 1, "max")
+        out, scores = op_attention(q, cast(k), cast(v), 12, 0.25, "mean", 1, "max", query_reduce)
         return (out.sin().sum() + (scores * torch.arange(12, dtype=scores.dtype)).sum())
 
     leaves = [x, lora_a, lora_b, k, v]

@@ -33,25 +33,30 @@ def attention_modules():
     return sys.modules["lookaheadkv_kernels.backends.triton.attention_scores"]
 
 
-# (B, Hq, Hkv, Tq, N, D, S, gqa_reduce, pool_kernel, pool_type)
+# (B, Hq, Hkv, Tq, N, D, S, gqa_reduce, pool_kernel, pool_type); each runs with both query_reduce
 ATTENTION_PATHS = [
-    (1, 4, 2, 150, 150, 64, 140, "max", 3, "max"),   # Tq > rows per block: query chunks, per-head sums
+    (1, 4, 2, 150, 150, 64, 140, "max", 3, "max"),   # Tq > rows per block: query chunks, per-head partials
     (1, 16, 1, 12, 90, 32, 90, "mean", 5, "avg"),    # G·Tq > rows per block: head blocks
     (1, 3, 1, 1, 300, 80, 290, "mean", 1, "max"),    # Tq = 1, G = 3, D not a power of two, several splits
     (1, 2, 2, 3, 40, 8, 37, "max", 7, "avg"),        # D below the dot's minimum width
+    (2, 8, 2, 5, 60, 16, 60, "max", 1, "max"),       # G = 4, Tq = 5 (padded rows), direct unpooled write
+    (1, 2, 1, 140, 140, 16, 130, "mean", 1, "max"),  # query chunks, GQA mean, unpooled
 ]
 
 
+@pytest.mark.parametrize("query_reduce", ["mean", "max"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", ATTENTION_PATHS, ids=lambda c: "x".join(map(str, c)))
-def test_attention_paths_against_reference(case, dtype):
+def test_attention_paths_against_reference(case, dtype, query_reduce):
     B, Hq, Hkv, Tq, N, D, S, reduce, pool_kernel, pool_type = case
     q = randn(B, Hq, Tq, D, dtype=dtype, seed=1)
     k = randn(B, Hkv, N, D, dtype=dtype, seed=2)
     v = randn(B, Hkv, N, D, dtype=dtype, seed=3)
-    kwargs = dict(num_scored=S, gqa_reduce=reduce, pool_kernel=pool_kernel, pool_type=pool_type)
+    kwargs = dict(num_scored=S, gqa_reduce=reduce, pool_kernel=pool_kernel, pool_type=pool_type,
+                  query_reduce=query_reduce)
     ref_out, ref_scores = reference.lookahead_attention(
-        q.double().cpu(), k.double().cpu(), v.double().cpu(), S, D**-0.5, reduce, pool_kernel, pool_type)
+        q.double().cpu(), k.double().cpu(), v.double().cpu(), S, D**-0.5, reduce, pool_kernel, pool_type,
+        query_reduce)
     out, scores = lk.lookahead_attention(q, k, v, backend="triton", **kwargs)
     alone = lk.attention_scores(q, k, backend="triton", **kwargs)
     torch.testing.assert_close(alone, scores, rtol=0, atol=0)
@@ -94,17 +99,21 @@ def test_scores_and_output_variants_share_one_autotune_entry(monkeypatch):
     assert len(keys) == 2 and keys[0] == keys[1]
 
 
+@pytest.mark.parametrize("query_reduce", ["mean", "max"])
+@pytest.mark.parametrize("Tq", [6, 140], ids=lambda t: f"Tq{t}")  # 140: query chunks, partials combined
 @pytest.mark.parametrize("where", ["query", "key"])
-def test_nan_logits_make_their_rows_nan_like_the_reference(where):
-    B, Hq, Hkv, Tq, N, D = 1, 4, 2, 6, 40, 64
+def test_nan_logits_make_their_rows_nan_like_the_reference(where, Tq, query_reduce):
+    B, Hq, Hkv, D = 1, 4, 2, 64
+    N = Tq + 34
     q, k, v = randn(B, Hq, Tq, D, seed=4), randn(B, Hkv, N, D, seed=5), randn(B, Hkv, N, D, seed=6)
     if where == "query":
         q[0, 1, 2, 5] = float("nan")  # one query row of head 1 (group 0)
     else:
-        k[0, 1, 36, 0] = float("nan")  # a key seen only by the last queries of group 1
-    out, scores = lk.lookahead_attention(q, k, v, num_scored=N, gqa_reduce="max", backend="triton")
+        k[0, 1, N - 4, 0] = float("nan")  # a key seen only by the last queries of group 1
+    out, scores = lk.lookahead_attention(q, k, v, num_scored=N, gqa_reduce="max", query_reduce=query_reduce,
+                                         backend="triton")
     ref_out, ref_scores = reference.lookahead_attention(
-        q.double().cpu(), k.double().cpu(), v.double().cpu(), N, D**-0.5, "max", 1, "max")
+        q.double().cpu(), k.double().cpu(), v.double().cpu(), N, D**-0.5, "max", 1, "max", query_reduce)
     assert torch.equal(torch.isnan(scores.cpu()), torch.isnan(ref_scores))
     assert torch.equal(torch.isnan(out.cpu()), torch.isnan(ref_out))
     finite = ~torch.isnan(ref_scores)

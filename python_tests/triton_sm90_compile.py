@@ -134,21 +134,23 @@ def drive_all(all_shapes: bool):
             q = torch.randn(1, Hq, 32, D, generator=g).to(dtype)
             k = torch.randn(1, Hkv, N, D, generator=g).to(dtype)
             for reduce, pool in (("mean", 7), ("max", 1)):
-                backend.attention_scores(q, k, N - 32, D**-0.5, reduce, pool, "max")
-                backend.lookahead_attention(q, k, k, N, D**-0.5, reduce, pool, "avg")
+                for query_reduce in ("mean", "max"):
+                    backend.attention_scores(q, k, N - 32, D**-0.5, reduce, pool, "max", query_reduce)
+                    backend.lookahead_attention(q, k, k, N, D**-0.5, reduce, pool, "avg", query_reduce)
             scores = torch.rand(1, Hkv, N - 32, generator=g)
             for budget in (512, 4 + 32 + 1, N):  # n_pick = 476, 1 (an int 1 is specialised), all
                 backend.select_compact(scores, k, k, budget, 4)
         # One KV head and one query (ints equal to 1 are specialised): several key splits.
         q_one = torch.randn(1, 1, 1, 128, generator=g).to(dtype)
         k_one = torch.randn(1, 1, 4096, 128, generator=g).to(dtype)
-        backend.lookahead_attention(q_one, k_one, k_one, 4096, 0.1, "mean", 1, "max")
+        backend.lookahead_attention(q_one, k_one, k_one, 4096, 0.1, "mean", 1, "max", "mean")
         w_one, rope_one = torch.randn(128, 128, generator=g).to(dtype), torch.randn(1, 128, generator=g)
         backend.lookahead_qproj(q_one[0, 0], w_one, None, None, None, 1.0, rope_one, rope_one, 1, None, 1e-6)
         q_long = torch.randn(1, 8, 256, 128, generator=g).to(dtype)  # G·Tq > 128 rows: several row blocks
         k_long = torch.randn(1, 2, 256, 128, generator=g).to(dtype)
-        backend.attention_scores(q_long, k_long, 256, 0.1, "max", 7, "max")
-        backend.lookahead_attention(q_long, k_long, k_long, 256, 0.1, "mean", 1, "max")
+        for query_reduce in ("mean", "max"):
+            backend.attention_scores(q_long, k_long, 256, 0.1, "max", 7, "max", query_reduce)
+            backend.lookahead_attention(q_long, k_long, k_long, 256, 0.1, "mean", 1, "max", query_reduce)
 
 
 def main():

@@ -15,7 +15,7 @@
 // The chunks of a group are then combined in chunk order (deterministic):
 //     m = max m_c,  l = Σ l_c·e^{m_c-m},  out = Σ o_c·e^{m_c-m} / l.
 // Pass 2 (scores). Per (batch, group, chunk of [0, S)): recompute the logits, P = e^{L-m}/l, the
-// mean over the Tq rows of each head, the GQA reduce -> raw[j]. Recomputing the logits costs a
+// mean (or max) over the Tq rows of each head, the GQA reduce -> raw[j]. Recomputing the logits costs a
 // second Q·Kᵀ but keeps the extra memory O(R·(D + kKeyBlock)) per thread.
 // Pass 3. Pooling along j (after the GQA reduce).
 //
@@ -243,6 +243,21 @@ inline float lane_sum(const float* x, int64_t n) {
   return acc[0] + acc[1];
 }
 
+// Max of n >= 1 consecutive floats, NaN if any is NaN (nan_max), with 16 partial maxima like
+// lane_sum (max is order-free, so this equals a plain left-to-right max).
+inline float lane_max(const float* x, int64_t n) {
+  float acc[16];
+  for (int u = 0; u < 16; ++u) acc[u] = x[0];
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int u = 0; u < 16; ++u) acc[u] = nan_max(acc[u], x[i + u]);
+  for (int u = 0; i + u < n; ++u) acc[u] = nan_max(acc[u], x[i + u]);
+  for (int u = 0; u < 8; ++u) acc[u] = nan_max(acc[u], acc[u + 8]);
+  for (int u = 0; u < 4; ++u) acc[u] = nan_max(acc[u], acc[u + 4]);
+  for (int u = 0; u < 2; ++u) acc[u] = nan_max(acc[u], acc[u + 2]);
+  return nan_max(acc[0], acc[1]);
+}
+
 // Pass 2 work item: raw scores of the keys of chunk c (within [0, S)) of group bg.
 template <class T>
 void score_chunk(const AttentionArgs& a, const Geometry& g, const float* qt, const int32_t* lane_query, int64_t bg,
@@ -265,8 +280,9 @@ void score_chunk(const AttentionArgs& a, const Geometry& g, const float* qt, con
       const float* row = s.lt + j * g.Rp;
       float reduced = 0.0f;
       for (int64_t hg = 0; hg < g.G; ++hg) {
-        const float head_mean = lane_sum(row + hg * a.Tq, a.Tq) / float(a.Tq);
-        reduced = hg == 0 ? head_mean : a.gqa_max ? nan_max(reduced, head_mean) : reduced + head_mean;
+        const float* head = row + hg * a.Tq;
+        const float per_head = a.query_max ? lane_max(head, a.Tq) : lane_sum(head, a.Tq) / float(a.Tq);
+        reduced = hg == 0 ? per_head : a.gqa_max ? nan_max(reduced, per_head) : reduced + per_head;
       }
       raw[j0 + j] = a.gqa_max ? reduced : reduced * inv_heads;
     }

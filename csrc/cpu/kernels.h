@@ -44,6 +44,7 @@ struct AttentionArgs {
   int64_t B, Hq, Hkv, Tq, N, D, S;
   float scale;
   bool gqa_max;             // gqa_reduce == "max" (else "mean")
+  bool query_max;           // query_reduce == "max" (else "mean")
   int64_t pool_kernel;
   bool pool_max;            // pool_type == "max" (else "avg")
   int num_threads;

@@ -44,6 +44,7 @@ struct AttentionArgs {
   int64_t B, Hq, Hkv, Tq, N, D, S;
   float scale;
   bool gqa_max;      // gqa_reduce: false = mean, true = max
+  bool query_max;    // query_reduce: false = mean, true = max
   int64_t pool_kernel;
   bool pool_avg;     // pool_type: false = max, true = avg
   void* out;         // [B, Hq, Tq, D] q's dtype, contiguous; null for attention_scores

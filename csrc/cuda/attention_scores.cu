@@ -14,9 +14,11 @@
 //      (online over the chunk's tiles) -> workspace.
 //   2. main: each block combines every chunk's stats of its rows in chunk order (identical in every
 //      block, no atomics), recomputes the logits, P = softmax, sums P over each head's rows per key
-//      (fixed warp order) -> per-head column sums in the workspace; with the output it also
-//      accumulates P·V per chunk -> workspace.
-//   3. finalize: GQA reduce (mean/max over the group's heads of column sum / Tq) and pooling fused:
+//      (fixed warp order) -> per-head column sums in the workspace (column maxima under
+//      query_reduce = max, NaN-propagating); with the output it also accumulates P·V per chunk ->
+//      workspace.
+//   3. finalize: GQA reduce (mean/max over the group's heads of column sum / Tq, or of the column
+//      max over the segments of a head under query_reduce = max) and pooling fused:
 //      a block computes the reduced scores of its 256 keys plus a halo of pool_kernel/2 keys on each
 //      side into shared memory, then pools.
 //   4. (lookahead_attention) out = sum of the chunks' P·V in chunk order, rounded to q's dtype.
@@ -72,10 +74,18 @@ struct Params {
   int chunk_keys, key_end;                   // this pass's key chunks cover [0, key_end)
   int stats_chunks;                          // the stats pass's chunk count (combined by pass 2)
   bool q_vec, k_vec, v_vec;                  // rows 16-byte aligned: cp.async
+  bool query_max;                            // query_reduce: column max instead of column sum
   float* ws_stats;                           // [B][Hq][Tq][stats_chunks][2]: (max, sum)
-  float* ws_col;                             // [B][Hq][nseg][S]: column sums of P
+  float* ws_col;                             // [B][Hq][nseg][S]: column sums (maxima) of P
   float* ws_out;                             // [chunks][B][Hq][Tq][D]: P·V per chunk
 };
+
+// Combines two partial column reductions of P over query rows: a sum (query_reduce = mean) or a
+// NaN-propagating max (query_reduce = max; P >= 0, so the zeros of hidden keys and padding rows
+// never win).
+__device__ __forceinline__ float reduce_rows(float a, float b, bool query_max) {
+  return query_max ? nan_max(a, b) : __fadd_rn(a, b);
+}
 
 // Which query rows warp `warp` of row block `rowblock` owns.
 struct WarpRows {
@@ -382,15 +392,16 @@ __global__ void __launch_bounds__(Cfg<T, D_PAD>::kThreads, Cfg<T, D_PAD>::kMinBl
               x = key <= last_visible[e >> 1] ? __fmul_rn(exp2f(__fsub_rn(__fmul_rn(x, p.scale_log2), m[e >> 1])), il[e >> 1])
                                               : 0.f;
             }
-          // Column sums over the warp's 16 rows: the pair (g, g+8) in-thread, then across the 8 g.
+          // Column sums (maxima) over the warp's 16 rows: the pair (g, g+8) in-thread, then across
+          // the 8 g.
 #pragma unroll
           for (int nt = 0; nt < KS / 8; ++nt)
 #pragma unroll
             for (int u = 0; u < 2; ++u) {
-              float c = __fadd_rn(s[nt][u], s[nt][2 + u]);
-              c = __fadd_rn(c, __shfl_xor_sync(0xffffffffu, c, 4));
-              c = __fadd_rn(c, __shfl_xor_sync(0xffffffffu, c, 8));
-              c = __fadd_rn(c, __shfl_xor_sync(0xffffffffu, c, 16));
+              float c = reduce_rows(s[nt][u], s[nt][2 + u], p.query_max);
+              c = reduce_rows(c, __shfl_xor_sync(0xffffffffu, c, 4), p.query_max);
+              c = reduce_rows(c, __shfl_xor_sync(0xffffffffu, c, 8), p.query_max);
+              c = reduce_rows(c, __shfl_xor_sync(0xffffffffu, c, 16), p.query_max);
               if (g == 0) colsum[warp * KT + sub * KS + nt * 8 + 2 * t + u] = c;
             }
           if constexpr (kOut) M::template pv<KS>(s, sV + stage * KT * kStride + sub * KS * kStride, o);
@@ -400,7 +411,7 @@ __global__ void __launch_bounds__(Cfg<T, D_PAD>::kThreads, Cfg<T, D_PAD>::kMinBl
     __syncthreads();  // tile buffers free for the next prefetch; column sums complete
 
     if constexpr (MODE != kStats) {
-      // Per head of the block: sum its warps' column sums in warp order.
+      // Per head of the block: sum (max) its warps' column sums (maxima) in warp order.
       const int slots = p.nseg == 1 ? p.heads_per_block : 1;
       const int warps_per_slot = p.nseg == 1 ? p.mtiles_per_head : C::kWarps;
       for (int idx = threadIdx.x; idx < slots * KT; idx += C::kThreads) {
@@ -410,7 +421,7 @@ __global__ void __launch_bounds__(Cfg<T, D_PAD>::kThreads, Cfg<T, D_PAD>::kMinBl
         float sum = 0.f;
         for (int w = 0; w < warps_per_slot; ++w) {
           if (warp_rows<C::kWarps>(p, rowblock, slot * warps_per_slot + w).active) {
-            sum = __fadd_rn(sum, colsum[(slot * warps_per_slot + w) * KT + col]);
+            sum = reduce_rows(sum, colsum[(slot * warps_per_slot + w) * KT + col], p.query_max);
           }
         }
         const int hq = kvh * p.G + first.head;
@@ -457,12 +468,13 @@ __global__ void __launch_bounds__(Cfg<T, D_PAD>::kThreads, Cfg<T, D_PAD>::kMinBl
 
 constexpr int kFinalTile = 256;
 
-// scores[b, kvh, j] = pool_j( R_{heads of the group}( sum over segments of the column sum / Tq ) ).
+// scores[b, kvh, j] = pool_j( R_{heads of the group}( sum over segments of the column sum / Tq ) ),
+// or with query_max the max over segments of the column max (no division).
 // The divisions (by Tq, G, pool_kernel) are multiplications by reciprocals computed on the host.
 __global__ void __launch_bounds__(kFinalTile) scores_finalize_kernel(const float* __restrict__ ws_col, int Hq, int Hkv,
-                                                                     int G, int nseg, int S, float inv_tq,
-                                                                     float inv_g, bool gqa_max, int pool_kernel,
-                                                                     float inv_pool, bool pool_avg,
+                                                                     int G, int nseg, int S, bool query_max,
+                                                                     float inv_tq, float inv_g, bool gqa_max,
+                                                                     int pool_kernel, float inv_pool, bool pool_avg,
                                                                      float* __restrict__ scores) {
   float* raw = dynamic_smem<float>();  // kFinalTile + 2 * halo reduced scores
   const int row = blockIdx.y, b = row / Hkv, kvh = row % Hkv;
@@ -475,9 +487,10 @@ __global__ void __launch_bounds__(kFinalTile) scores_finalize_kernel(const float
       for (int h = 0; h < G; ++h) {
         const float* col = ws_col + ((static_cast<int64_t>(b) * Hq + kvh * G + h) * nseg) * S + j;
         float c = col[0];
-        for (int sg = 1; sg < nseg; ++sg) c = __fadd_rn(c, col[static_cast<int64_t>(sg) * S]);
-        const float mean_over_queries = __fmul_rn(c, inv_tq);
-        r = gqa_max ? nan_max(r, mean_over_queries) : __fadd_rn(r, mean_over_queries);
+#pragma unroll 1  // (unrolled, ptxas spills 8 bytes here)
+        for (int sg = 1; sg < nseg; ++sg) c = reduce_rows(c, col[static_cast<int64_t>(sg) * S], query_max);
+        const float over_queries = query_max ? c : __fmul_rn(c, inv_tq);
+        r = gqa_max ? nan_max(r, over_queries) : __fadd_rn(r, over_queries);
       }
       if (!gqa_max) r = __fmul_rn(r, inv_g);
     } else {
@@ -577,6 +590,7 @@ void run(const AttentionArgs& a, char* workspace, int num_sms, Stream stream) {
   p.scale_log2 = static_cast<float>(static_cast<double>(a.scale) * 1.4426950408889634);
   p.mtiles_per_head = plan.mtiles_per_head; p.heads_per_block = plan.heads_per_block; p.nseg = plan.nseg;
   p.stats_chunks = plan.stats_chunks;
+  p.query_max = a.query_max;
   const bool dim_vec = (a.D * sizeof(T)) % 16 == 0;
   p.q_vec = dim_vec && rows_aligned16(a.q, sizeof(T), {{a.B, a.q_sb}, {a.Hq, a.q_sh}, {a.Tq, a.q_st}});
   p.k_vec = dim_vec && rows_aligned16(a.k, sizeof(T), {{a.B, a.k_sb}, {a.Hkv, a.k_sh}, {a.N, a.k_sn}});
@@ -601,8 +615,9 @@ void run(const AttentionArgs& a, char* workspace, int num_sms, Stream stream) {
   const int halo = static_cast<int>(a.pool_kernel / 2);
   launch("scores_finalize_kernel", scores_finalize_kernel,
          dim3(static_cast<unsigned>(ceil_div(a.S, kFinalTile)), static_cast<unsigned>(rows)), kFinalTile,
-         (kFinalTile + 2 * halo) * sizeof(float), stream, p.ws_col, p.Hq, p.Hkv, p.G, p.nseg, p.S, 1.f / p.Tq, 1.f / p.G,
-         a.gqa_max, static_cast<int>(a.pool_kernel), 1.f / static_cast<float>(a.pool_kernel), a.pool_avg, a.scores);
+         (kFinalTile + 2 * halo) * sizeof(float), stream, p.ws_col, p.Hq, p.Hkv, p.G, p.nseg, p.S, a.query_max,
+         1.f / p.Tq, 1.f / p.G, a.gqa_max, static_cast<int>(a.pool_kernel), 1.f / static_cast<float>(a.pool_kernel),
+         a.pool_avg, a.scores);
 
   if (with_out) {
     const int64_t total = a.B * a.Hq * a.Tq * a.D;

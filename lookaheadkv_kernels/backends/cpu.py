@@ -44,7 +44,7 @@ def lookahead_qproj(x, weight, bias, lora_a, lora_b, lora_scale, cos, sin, num_h
     return out
 
 
-def _attention(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type):
+def _attention(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce):
     """attention_scores when v is None, else lookahead_attention: one fused kernel."""
     q, k, v = _dense_rows(q), _dense_rows(k), _dense_rows(v)
     B, Hq, Tq, D = q.shape
@@ -54,19 +54,19 @@ def _attention(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type):
     v_strides = (0, 0, 0) if v is None else v.stride()[:3]
     native_module(_MODULE).attention(
         ptr(q), *q.stride()[:3], ptr(k), *k.stride()[:3], ptr(v), *v_strides, dtype_code(q), ptr(out), ptr(scores),
-        B, Hq, Hkv, Tq, N, D, num_scored, float(scale), gqa_reduce == "max", pool_kernel, pool_type == "max",
-        torch.get_num_threads(),
+        B, Hq, Hkv, Tq, N, D, num_scored, float(scale), gqa_reduce == "max", query_reduce == "max", pool_kernel,
+        pool_type == "max", torch.get_num_threads(),
     )
     return scores, out
 
 
-def attention_scores(q, k, num_scored, scale, gqa_reduce, pool_kernel, pool_type):
-    scores, _ = _attention(q, k, None, num_scored, scale, gqa_reduce, pool_kernel, pool_type)
+def attention_scores(q, k, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce):
+    scores, _ = _attention(q, k, None, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce)
     return scores
 
 
-def lookahead_attention(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type):
-    scores, out = _attention(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type)
+def lookahead_attention(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce):
+    scores, out = _attention(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce)
     return out, scores
 
 

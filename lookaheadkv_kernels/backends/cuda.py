@@ -70,7 +70,7 @@ def run_lookahead_qproj(launch, x, weight, bias, lora_a, lora_b, lora_scale, cos
     return out
 
 
-def run_attention(launch, q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type):
+def run_attention(launch, q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce):
     """(out, scores) of lookahead_attention; out is None when v is None (attention_scores)."""
     B, Hq, Tq, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
@@ -84,7 +84,7 @@ def run_attention(launch, q, k, v, num_scored, scale, gqa_reduce, pool_kernel, p
     v_strides = v.stride()[:3] if with_out else (0, 0, 0)
     launch.module.attention(
         dtype_code(q), ptr(q), *q.stride()[:3], ptr(k), *k.stride()[:3], ptr(v), *v_strides, B, Hq, Hkv, Tq, N, D,
-        num_scored, float(scale), gqa_reduce == "max", pool_kernel, pool_type == "avg", ptr(out), ptr(scores),
+        num_scored, float(scale), gqa_reduce == "max", query_reduce == "max", pool_kernel, pool_type == "avg", ptr(out), ptr(scores),
         ptr(workspace), launch.num_sms, launch.stream,
     )
     return out, scores
@@ -116,14 +116,18 @@ def lookahead_qproj(x, weight, bias, lora_a, lora_b, lora_scale, cos, sin, num_h
         )
 
 
-def attention_scores(q, k, num_scored, scale, gqa_reduce, pool_kernel, pool_type):
+def attention_scores(q, k, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce):
     with torch.cuda.device(q.device):
-        return run_attention(_launch_on(q.device), q, k, None, num_scored, scale, gqa_reduce, pool_kernel, pool_type)[1]
+        return run_attention(
+            _launch_on(q.device), q, k, None, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce
+        )[1]
 
 
-def lookahead_attention(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type):
+def lookahead_attention(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce):
     with torch.cuda.device(q.device):
-        return run_attention(_launch_on(q.device), q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type)
+        return run_attention(
+            _launch_on(q.device), q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce
+        )
 
 
 def select_compact(scores, k, v, budget, num_sink):

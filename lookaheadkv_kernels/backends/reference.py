@@ -66,8 +66,10 @@ def _pool(raw, pool_kernel, pool_type):
     return pooled.reshape(B, Hkv, S)
 
 
-def _scores(probs, num_scored, gqa_reduce, pool_kernel, pool_type):
-    per_head = probs[..., :num_scored].mean(dim=3)  # mean over the Tq queries: [B, Hkv, G, S]
+def _scores(probs, num_scored, gqa_reduce, pool_kernel, pool_type, query_reduce):
+    visible = probs[..., :num_scored]
+    # over the Tq queries of each head: [B, Hkv, G, S] (hidden keys are 0, so they never win a max)
+    per_head = visible.mean(dim=3) if query_reduce == "mean" else visible.amax(dim=3)
     raw = per_head.mean(dim=2) if gqa_reduce == "mean" else per_head.amax(dim=2)
     return _pool(raw, pool_kernel, pool_type)
 
@@ -76,15 +78,15 @@ def _score_dtype(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def attention_scores(q, k, num_scored, scale, gqa_reduce, pool_kernel, pool_type):
+def attention_scores(q, k, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce):
     probs = _grouped_probabilities(q, k, scale)
-    return _scores(probs, num_scored, gqa_reduce, pool_kernel, pool_type).to(_score_dtype(q))
+    return _scores(probs, num_scored, gqa_reduce, pool_kernel, pool_type, query_reduce).to(_score_dtype(q))
 
 
-def lookahead_attention(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type):
+def lookahead_attention(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce):
     probs = _grouped_probabilities(q, k, scale)
     out = torch.einsum("bhgtn,bhnd->bhgtd", probs, v.to(probs.dtype)).reshape(q.shape).to(q.dtype)
-    scores = _scores(probs, num_scored, gqa_reduce, pool_kernel, pool_type).to(_score_dtype(q))
+    scores = _scores(probs, num_scored, gqa_reduce, pool_kernel, pool_type, query_reduce).to(_score_dtype(q))
     return out, scores
 
 

@@ -14,18 +14,20 @@ from pathlib import Path
 
 from ..runtime.lookahead import LookaheadModule, shipped_module_dir
 from ..runtime.policies import (
-    LOOKAHEAD_DEPTH_RAMP, LOOKAHEAD_POOL_KERNEL, LOOKAHEAD_POOL_TYPE, LookaheadKV, SnapKV, depth_ramp_budgets, make_policy,
+    LOOKAHEAD_DEPTH_RAMP, LOOKAHEAD_POOL_KERNEL, LOOKAHEAD_POOL_TYPE, LOOKAHEAD_QUERY_REDUCE, LookaheadKV, SnapKV,
+    depth_ramp_budgets, make_policy,
 )
 from .kvpress_peers import PRESSES
 
 
 class SnapKVWithLookaheadConfig(SnapKV):
-    """SnapKV (window 32) with LookaheadKV's default pooling and per-layer budgets: everything but the lookahead rows."""
+    """SnapKV (window 32) with LookaheadKV's default pooling, reduce over the queries and per-layer
+    budgets: everything but the lookahead rows."""
 
     name = "snapkv-lkvconfig"
 
     def __init__(self):
-        super().__init__(pool_kernel=LOOKAHEAD_POOL_KERNEL, pool_type=LOOKAHEAD_POOL_TYPE)
+        super().__init__(pool_kernel=LOOKAHEAD_POOL_KERNEL, pool_type=LOOKAHEAD_POOL_TYPE, query_reduce=LOOKAHEAD_QUERY_REDUCE)
 
     def layer_budgets(self, budget, num_prompt, num_layers):
         floor = self.num_sink + min(self.window, num_prompt - 1) + 1  # the sinks, the kept window, one scored key

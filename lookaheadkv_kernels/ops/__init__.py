@@ -56,17 +56,19 @@ def attention_scores(
     gqa_reduce: str = "mean",
     pool_kernel: int = 1,
     pool_type: str = "max",
+    query_reduce: str = "mean",
     backend: str = "auto",
 ) -> torch.Tensor:
     """Importance of each of the first `num_scored` keys for the queries q (the last Tq positions).
 
-    q [B, Hq, Tq, D], k [B, Hkv, N, D]. Causal softmax(scale·q·kᵀ), mean over the Tq queries,
-    GQA reduce ("mean"/"max") over each KV head's query heads, then 1-D pooling (odd `pool_kernel`,
-    "max" or "avg"). Returns float32 scores [B, Hkv, num_scored]. Defaults: num_scored = N,
-    scale = 1/sqrt(D).
+    q [B, Hq, Tq, D], k [B, Hkv, N, D]. Causal softmax(scale·q·kᵀ), reduced over the Tq queries of
+    each head (`query_reduce` "mean", or "max": a key counts as much as the one query that attends
+    to it most), GQA reduce ("mean"/"max") over each KV head's query heads, then 1-D pooling (odd
+    `pool_kernel`, "max" or "avg"). Returns float32 scores [B, Hkv, num_scored]. Defaults:
+    num_scored = N, scale = 1/sqrt(D).
     """
     num_scored, scale = _attention_defaults(q, k, num_scored, scale)
-    return _call("attention_scores", backend, q, k, num_scored, scale, gqa_reduce, pool_kernel, pool_type)
+    return _call("attention_scores", backend, q, k, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce)
 
 
 def lookahead_attention(
@@ -79,12 +81,13 @@ def lookahead_attention(
     gqa_reduce: str = "mean",
     pool_kernel: int = 1,
     pool_type: str = "max",
+    query_reduce: str = "mean",
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention output [B, Hq, Tq, D] of q over (k, v) and, from the same pass, the scores of
     `attention_scores` with the same arguments."""
     num_scored, scale = _attention_defaults(q, k, num_scored, scale)
-    return _call("lookahead_attention", backend, q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type)
+    return _call("lookahead_attention", backend, q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce)
 
 
 def select_compact(

@@ -23,11 +23,12 @@ SCHEMAS = {
         "Tensor cos, Tensor sin, int num_heads, Tensor? norm_weight, float eps) -> Tensor"
     ),
     "attention_scores": (
-        "(Tensor q, Tensor k, int num_scored, float scale, str gqa_reduce, int pool_kernel, str pool_type) -> Tensor"
+        "(Tensor q, Tensor k, int num_scored, float scale, str gqa_reduce, int pool_kernel, str pool_type, "
+        "str query_reduce=\"mean\") -> Tensor"
     ),
     "lookahead_attention": (
         "(Tensor q, Tensor k, Tensor v, int num_scored, float scale, str gqa_reduce, int pool_kernel, "
-        "str pool_type) -> (Tensor, Tensor)"
+        "str pool_type, str query_reduce=\"mean\") -> (Tensor, Tensor)"
     ),
     "select_compact": "(Tensor scores, Tensor k, Tensor v, int budget, int num_sink) -> (Tensor, Tensor, Tensor)",
 }
@@ -47,13 +48,13 @@ def _fake_lookahead_qproj(x, weight, bias, lora_a, lora_b, lora_scale, cos, sin,
     return x.new_empty(x.shape[0], num_heads, weight.shape[0] // num_heads)
 
 
-def _fake_attention_scores(q, k, num_scored, scale, gqa_reduce, pool_kernel, pool_type):
-    CHECKS["attention_scores"](q, k, num_scored, scale, gqa_reduce, pool_kernel, pool_type)
+def _fake_attention_scores(q, k, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce="mean"):
+    CHECKS["attention_scores"](q, k, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce)
     return q.new_empty(q.shape[0], k.shape[1], num_scored, dtype=torch.float32)
 
 
-def _fake_lookahead_attention(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type):
-    CHECKS["lookahead_attention"](q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type)
+def _fake_lookahead_attention(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce="mean"):
+    CHECKS["lookahead_attention"](q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce)
     return q.new_empty(q.shape), q.new_empty(q.shape[0], k.shape[1], num_scored, dtype=torch.float32)
 
 

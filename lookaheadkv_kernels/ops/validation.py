@@ -14,6 +14,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GQA_REDUCES = ("mean", "max")
+QUERY_REDUCES = ("mean", "max")
 POOL_TYPES = ("max", "avg")
 MAX_HEAD_DIM = 256
 MAX_POOL_KERNEL = 31
@@ -117,7 +118,7 @@ def check_lookahead_qproj(x, weight, bias, lora_a, lora_b, lora_scale, cos, sin,
     )
 
 
-def check_attention(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type):
+def check_attention(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce="mean"):
     """Checks of attention_scores (v is None) and lookahead_attention."""
     check_tensor("q", q, 4)
     check_tensor("k", k, 4)
@@ -148,10 +149,11 @@ def check_attention(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_ty
     if pool_kernel % 2 == 0 or pool_kernel > MAX_POOL_KERNEL:
         raise ValueError(f"pool_kernel must be odd and <= {MAX_POOL_KERNEL}, got {pool_kernel}")
     check_choice("pool_type", pool_type, POOL_TYPES)
+    check_choice("query_reduce", query_reduce, QUERY_REDUCES)
     check_same_device(q=q, k=k, v=v)
     return (
         last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v), num_scored, float(scale),
-        gqa_reduce, pool_kernel, pool_type,
+        gqa_reduce, pool_kernel, pool_type, query_reduce,
     )
 
 
@@ -184,8 +186,8 @@ def check_select_compact(scores, k, v, budget, num_sink):
     return scores.to(torch.float32), last_dim_contiguous(k), last_dim_contiguous(v), budget, num_sink
 
 
-def check_attention_scores(q, k, num_scored, scale, gqa_reduce, pool_kernel, pool_type):
-    q, k, _, *rest = check_attention(q, k, None, num_scored, scale, gqa_reduce, pool_kernel, pool_type)
+def check_attention_scores(q, k, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce="mean"):
+    q, k, _, *rest = check_attention(q, k, None, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce)
     return (q, k, *rest)
 
 

@@ -216,6 +216,7 @@ class ScoreOptions:
     gqa_reduce: str = "mean"
     pool_kernel: int = 1
     pool_type: str = "max"
+    query_reduce: str = "mean"
 
 
 def lookahead_layer(
@@ -253,6 +254,7 @@ def lookahead_layer(
     out, scores = lookahead_attention(
         q, keys, values, num_scored=num_scored, scale=parts.scaling,
         gqa_reduce=options.gqa_reduce, pool_kernel=options.pool_kernel, pool_type=options.pool_type,
+        query_reduce=options.query_reduce,
     )
     attended = out.transpose(1, 2).reshape(batch, rows, -1)
     hidden = hidden + lora_linear(attended, attn.o_proj, *module.lora_pair(layer_idx, "o"), scale)

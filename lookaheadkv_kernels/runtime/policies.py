@@ -28,6 +28,7 @@ DEFAULT_NUM_SINK = 4
 # LookaheadKV's default smoothing of its scores before ranking, and its per-layer budget ramp (see
 # LookaheadKV and depth_ramp_budgets).
 LOOKAHEAD_POOL_KERNEL, LOOKAHEAD_POOL_TYPE = 17, "avg"
+LOOKAHEAD_QUERY_REDUCE = "max"
 LOOKAHEAD_DEPTH_RAMP = 0.5
 
 
@@ -77,6 +78,7 @@ def score_queries(queries: torch.Tensor, keys: torch.Tensor, num_scored: int, pa
     return attention_scores(
         queries, keys, num_scored=num_scored, scale=parts.scaling,
         gqa_reduce=options.gqa_reduce, pool_kernel=options.pool_kernel, pool_type=options.pool_type,
+        query_reduce=options.query_reduce,
     )
 
 
@@ -193,7 +195,8 @@ class SnapKV(Policy):
     """SnapKV: the last `window` prompt queries vote; window kept. Defaults: the paper's window 32 + max-pool 7.
 
     `SnapKV.kvpress()` gives kvpress's defaults (window 64, avg-pool 5). GQA: scores averaged over
-    each KV head's query heads, as in kvpress (one cache per KV head).
+    each KV head's query heads, as in kvpress (one cache per KV head). The window's votes are
+    averaged (`query_reduce="mean"`, the paper's sum up to a constant); "max" is LookaheadKV's rule.
     """
 
     name = "snapkv"
@@ -205,11 +208,12 @@ class SnapKV(Policy):
         pool_type: str = "max",
         gqa_reduce: str = "mean",
         num_sink: int = DEFAULT_NUM_SINK,
+        query_reduce: str = "mean",
     ):
         super().__init__(num_sink)
         check_int("window", window, 0)
         self.window = window
-        self.options = ScoreOptions(gqa_reduce, pool_kernel, pool_type)
+        self.options = ScoreOptions(gqa_reduce, pool_kernel, pool_type, query_reduce)
 
     @classmethod
     def kvpress(cls, num_sink: int = DEFAULT_NUM_SINK) -> "SnapKV":
@@ -337,6 +341,12 @@ class LookaheadKV(Policy):
     and keeping the question (bench/results/lookaheadkv_scoring_sweep.md). Wide windows keep whole
     spans, e.g. all the digits of a number a needle task asks for, where narrow ones keep some.
 
+    `query_reduce="max"` (default since session 6): a key scores the largest attention any one
+    lookahead query gives it, not their mean — the 32 queries can point at different spans (the
+    several needles a question asks for), and a mean lets the span most of them share crowd out the
+    rest. On the same held-apart prompts it kept the full-cache answer likelier at budgets 64, 128
+    and 256; the module is still trained on the mean (training on the max was not tried).
+
     `depth_ramp` spreads the budget over depth (`depth_ramp_budgets`): 0.5 by default, i.e. from
     0.5·budget at the first layer to 1.5·budget at the last, the same KV memory in total. Not in the
     paper (uniform budgets: depth_ramp=0); chosen on the same held-apart prompts, where deep layers
@@ -355,13 +365,14 @@ class LookaheadKV(Policy):
         recent: int = 0,
         depth_ramp: float = LOOKAHEAD_DEPTH_RAMP,
         num_sink: int = DEFAULT_NUM_SINK,
+        query_reduce: str = LOOKAHEAD_QUERY_REDUCE,
     ):
         super().__init__(num_sink)
         if not isinstance(module, LookaheadModule):
             raise TypeError(f"LookaheadKV needs a LookaheadModule, got {type(module).__name__}")
         self.module = module
         check_int("recent", recent, 0)
-        self.options = ScoreOptions(gqa_reduce, pool_kernel, pool_type)
+        self.options = ScoreOptions(gqa_reduce, pool_kernel, pool_type, query_reduce)
         self.recent = recent
         self.depth_ramp = check_depth_ramp(depth_ramp)
 

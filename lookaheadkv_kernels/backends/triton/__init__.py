@@ -50,12 +50,14 @@ def lookahead_qproj(x, weight, bias, lora_a, lora_b, lora_scale, cos, sin, num_h
         x, weight, bias, lora_a, lora_b, lora_scale, cos, sin, num_heads, norm_weight, eps)
 
 
-def attention_scores(q, k, num_scored, scale, gqa_reduce, pool_kernel, pool_type):
-    return _attention_kernels.attention_scores(q, k, num_scored, scale, gqa_reduce, pool_kernel, pool_type)
+def attention_scores(q, k, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce):
+    return _attention_kernels.attention_scores(
+        q, k, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce)
 
 
-def lookahead_attention(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type):
-    return _attention_kernels.lookahead_attention(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type)
+def lookahead_attention(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce):
+    return _attention_kernels.lookahead_attention(
+        q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce)
 
 
 def select_compact(scores, k, v, budget, num_sink):

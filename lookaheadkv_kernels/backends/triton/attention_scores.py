@@ -11,15 +11,17 @@ and one split of the key axis:
 Passes:
   1. _softmax_stats_kernel: per row and split, the running max and sum of exp2 of the logits.
   2. _probabilities_kernel: combines the splits' statistics (fixed order: deterministic), recomputes
-     the logits, normalises them into probabilities and, per key, sums them over the queries of each
-     head; with one row block per group it also reduces over the GQA group (mean/max) and writes the
-     raw score of each key once. With WITH_OUT it accumulates P·V as well.
+     the logits, normalises them into probabilities and, per key, reduces them over the queries of
+     each head (mean, or max with QUERY_MAX); with one row block per group it also reduces over the
+     GQA group (mean/max) and writes the raw score of each key once. With WITH_OUT it accumulates
+     P·V as well.
   3. _reduce_pool_kernel (only when needed): the pooling, as a tiny second kernel rather than a halo
      recompute — a pooled score needs its neighbours' raw scores, which live in other key tiles and
      other splits; the kernel reads the raw scores (S floats per KV head, cache-resident) pool_kernel
      times, which costs far less than recomputing logits of halo keys. When the group spans several
-     row blocks (large Tq or G), pass 2 writes per-(query chunk, head) sums instead and this kernel
-     also does the GQA reduce.
+     row blocks (large Tq or G), pass 2 writes per-(query chunk, head) partials instead (sums over
+     the chunk's queries divided by Tq, or maxima) and this kernel combines the chunks (sum or max)
+     and does the GQA reduce.
   4. _sum_splits_kernel (only with WITH_OUT): adds the splits' float32 partial P·V in fixed order
      and rounds to q's dtype once.
 Everything is sized from shapes and int arguments only: no host synchronisation.
@@ -135,13 +137,16 @@ def _probabilities_kernel(
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     Hkv, G, Tq, N, S, q_chunks, num_splits, split_len, key_limit, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_TQ: tl.constexpr,
-    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, GQA_MAX: tl.constexpr, REDUCE_GROUP: tl.constexpr,
-    WITH_OUT: tl.constexpr,
+    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, GQA_MAX: tl.constexpr, QUERY_MAX: tl.constexpr,
+    REDUCE_GROUP: tl.constexpr, WITH_OUT: tl.constexpr,
 ):
-    """REDUCE_GROUP: this row block is the whole group; write raw[b, g, j], the GQA-reduced mean
-    probability (the scores themselves when there is no pooling). Otherwise write, per query chunk
-    and head, the head's probabilities summed over the chunk's queries and divided by Tq:
-    raw[b, g, q_chunk, head, j], which _reduce_pool_kernel reduces.
+    """A head's per-key value is its probabilities' mean over the Tq queries, or their max with
+    QUERY_MAX (rows outside the block's heads/queries are 0 and probabilities are ≥ 0, so they never
+    win; NaN propagates like torch.amax).
+    REDUCE_GROUP: this row block is the whole group; write raw[b, g, j], the GQA-reduced per-head
+    value (the scores themselves when there is no pooling). Otherwise write, per query chunk and
+    head, the head's probabilities summed over the chunk's queries and divided by Tq (their max with
+    QUERY_MAX): raw[b, g, q_chunk, head, j], which _reduce_pool_kernel reduces.
     WITH_OUT: also write this split's part of P·V for these rows: parts[split, b, hq, query, :]."""
     bg = tl.program_id(0)
     split = tl.program_id(1)
@@ -182,7 +187,14 @@ def _probabilities_kernel(
             v = tl.load(v_base + keys[:, None].to(tl.int64) * stride_vn + d[None, :],
                         mask=(keys < key_hi)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
             acc = dot_acc(p.to(v.dtype), v, acc, UPCAST)
-        per_head = tl.sum(tl.reshape(p, (BLOCK_H, BLOCK_TQ, BLOCK_N)), axis=1) * inv_tq
+        if QUERY_MAX:
+            # p is in [0, 1] or NaN: NaN → +inf for a plain tl.max (one fast reduction, also in the
+            # interpreter, where tl.reduce with a combine function runs element by element), then
+            # back, so NaN propagates like torch.amax.
+            per_head = tl.max(tl.reshape(tl.where(p != p, float("inf"), p), (BLOCK_H, BLOCK_TQ, BLOCK_N)), axis=1)
+            per_head = tl.where(per_head == float("inf"), float("nan"), per_head)
+        else:
+            per_head = tl.sum(tl.reshape(p, (BLOCK_H, BLOCK_TQ, BLOCK_N)), axis=1) * inv_tq
         scored = keys < tl.minimum(key_hi, S)
         if REDUCE_GROUP:
             if GQA_MAX:
@@ -205,9 +217,11 @@ def _probabilities_kernel(
 @triton.jit
 def _reduce_pool_kernel(
     sums_ptr, scores_ptr, S, heads_in, chunks_in,
-    POOL: tl.constexpr, POOL_MAX: tl.constexpr, GQA_MAX: tl.constexpr, BLOCK_S: tl.constexpr,
+    POOL: tl.constexpr, POOL_MAX: tl.constexpr, GQA_MAX: tl.constexpr, QUERY_MAX: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
-    """scores[bg, j] = pool over j' in the window of R_h (sum_c sums[bg, c, h, j']).
+    """scores[bg, j] = pool over j' in the window of R_h (C_c sums[bg, c, h, j']), C = sum, or max
+    with QUERY_MAX (the chunks' partials are ≥ 0 or NaN, so a max started from 0 is exact).
     heads_in = chunks_in = 1 when pass 2 already reduced the group (sums is then raw)."""
     bg = tl.program_id(0)
     j = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -226,7 +240,11 @@ def _reduce_pool_kernel(
         for h in range(heads_in):
             per_head = tl.zeros((BLOCK_S,), tl.float32)
             for c in range(chunks_in):
-                per_head += tl.load(base + (c * heads_in + h) * S + pos, mask=inside, other=0.0)
+                part = tl.load(base + (c * heads_in + h) * S + pos, mask=inside, other=0.0)
+                if QUERY_MAX:
+                    per_head = max_propagate_nan(per_head, part)
+                else:
+                    per_head += part
             if GQA_MAX:
                 raw = max_propagate_nan(raw, per_head)
             else:
@@ -268,7 +286,7 @@ def _key_splits(N: int, programs_without_split: int, device: torch.device) -> tu
     return triton.cdiv(N, split_len), split_len
 
 
-def _run(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type):
+def _run(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce):
     B, Hq, Tq, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -307,12 +325,14 @@ def _run(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type):
         q, k, v_arg, m, l, sums, out_parts,
         *q.stride()[:3], *k.stride()[:3], *v_strides,
         Hkv, G, Tq, N, S, q_chunks, num_splits, split_len, N if with_out else S, qk_scale, **shapes,
-        GQA_MAX=gqa_reduce == "max", REDUCE_GROUP=reduce_group, WITH_OUT=with_out,
+        GQA_MAX=gqa_reduce == "max", QUERY_MAX=query_reduce == "max", REDUCE_GROUP=reduce_group,
+        WITH_OUT=with_out,
     )
     if not direct:
         _reduce_pool_kernel[(B * Hkv, triton.cdiv(S, POOL_BLOCK))](
             sums, scores, S, 1 if reduce_group else G, 1 if reduce_group else q_chunks,
-            POOL=pool_kernel, POOL_MAX=pool_type == "max", GQA_MAX=gqa_reduce == "max", BLOCK_S=POOL_BLOCK,
+            POOL=pool_kernel, POOL_MAX=pool_type == "max", GQA_MAX=gqa_reduce == "max",
+            QUERY_MAX=query_reduce == "max", BLOCK_S=POOL_BLOCK,
         )
     if with_out:
         _sum_splits_kernel[(triton.cdiv(out.numel(), SUM_BLOCK),)](
@@ -320,9 +340,9 @@ def _run(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type):
     return out, scores
 
 
-def attention_scores(q, k, num_scored, scale, gqa_reduce, pool_kernel, pool_type):
-    return _run(q, k, None, num_scored, scale, gqa_reduce, pool_kernel, pool_type)[1]
+def attention_scores(q, k, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce):
+    return _run(q, k, None, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce)[1]
 
 
-def lookahead_attention(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type):
-    return _run(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type)
+def lookahead_attention(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce):
+    return _run(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce)
