@@ -31,7 +31,8 @@ from ..runtime.eviction import encode_prompt
 from ..runtime.lookahead import LookaheadModule
 from ..runtime.models import cache_dir, config_hash, layer_parts, load_model
 from ..runtime.policies import (
-    DEFAULT_NUM_SINK, LAQ, LOOKAHEAD_DEPTH_RAMP, LOOKAHEAD_POOL_KERNEL, LOOKAHEAD_POOL_TYPE, LookaheadKV, PyramidKV, Run, SnapKV, StreamingLLM,
+    DEFAULT_NUM_SINK, LAQ, LOOKAHEAD_DEPTH_RAMP, LOOKAHEAD_POOL_KERNEL, LOOKAHEAD_POOL_TYPE, LOOKAHEAD_QUERY_REDUCE, LookaheadKV,
+    PyramidKV, Run, SnapKV, StreamingLLM,
 )
 from ..runtime.tap import LayerInputs, tap_layers
 from .data import make_samples
@@ -187,7 +188,8 @@ def markdown(recall, kl, rows, budgets, settings: dict) -> str:
         f"(mean attention of its greedy answer, ≤{settings['answer_tokens']} tokens). Recall@B = share of the "
         "oracle's top-B keys among the keys the policy keeps at budget B (its sinks and windows included), "
         f"mean over KV heads, layers and prompts. All policies protect {DEFAULT_NUM_SINK} sink tokens and use their "
-        f"defaults (LookaheadKV: {LOOKAHEAD_POOL_TYPE}-pool {LOOKAHEAD_POOL_KERNEL}, depth ramp {LOOKAHEAD_DEPTH_RAMP}).",
+        f"defaults (LookaheadKV: {LOOKAHEAD_POOL_TYPE}-pool {LOOKAHEAD_POOL_KERNEL}, {LOOKAHEAD_QUERY_REDUCE} over its queries, "
+        f"depth ramp {LOOKAHEAD_DEPTH_RAMP}).",
         "",
         "| policy | " + " | ".join(f"recall@{b}" for b in budgets) + " |",
         "|---|" + "---|" * len(budgets),
