@@ -123,8 +123,9 @@ def module_part(model, record, modules: dict, budgets, kv_path: Path, row: dict)
     layers = kv_only_inputs(model, saved["keys"], saved["values"])
     oracle = record.importance.to(device)
     for name, module in modules.items():
-        # Recall: the policy as users get it (its default pooling). KL: the loss training fits by
-        # default (trainer.distributions with TrainConfig(), which pools), from the unpooled scores.
+        # Recall: the policy as users get it (its default pooling and max over the queries). KL: the
+        # loss training fits by default (trainer.distributions with TrainConfig(), which pools), from
+        # the unpooled mean over the queries.
         # Scores do not depend on the budget: score once, compact per budget.
         policy = LookaheadKV(module)
         scores = policy_scores(model, layers, None, policy, [n] * len(layers), n)
@@ -132,7 +133,7 @@ def module_part(model, record, modules: dict, budgets, kv_path: Path, row: dict)
             b: mean_recall(compact_all(layers, scores, policy.layer_budgets(b, n, len(layers)), policy.num_sink, n), oracle, b)
             for b in budgets
         }
-        unpooled = policy_scores(model, layers, None, LookaheadKV(module, pool_kernel=1), [n] * len(layers), n)
+        unpooled = policy_scores(model, layers, None, LookaheadKV(module, pool_kernel=1, query_reduce="mean"), [n] * len(layers), n)
         target, predicted = distributions(oracle, torch.stack([s[0] for s in unpooled]), TrainConfig())
         row["kl"][name] = float(kl_divergence(target, predicted).mean())
 
