@@ -243,19 +243,31 @@ inline float lane_sum(const float* x, int64_t n) {
   return acc[0] + acc[1];
 }
 
-// Max of n >= 1 consecutive floats, NaN if any is NaN (nan_max), with 16 partial maxima like
-// lane_sum (max is order-free, so this equals a plain left-to-right max).
+// Max of n >= 1 consecutive floats, NaN if any is NaN, with 8 partial maxima. The compare-select is
+// what x86 max instructions do, so it vectorises (nan_max's "or NaN" test does not, and made the
+// whole scoring pass 2.5x slower); NaN is carried by a separate sum of x·0, which is 0 for every
+// finite x and NaN once any x is NaN (inputs here are probabilities: no infinities). Max is
+// order-free, so this equals a plain left-to-right max.
 inline float lane_max(const float* x, int64_t n) {
-  float acc[16];
-  for (int u = 0; u < 16; ++u) acc[u] = x[0];
+  constexpr int kLanes = 8;
+  float acc[kLanes], poison[kLanes] = {};
+  for (int u = 0; u < kLanes; ++u) acc[u] = x[0];
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int u = 0; u < 16; ++u) acc[u] = nan_max(acc[u], x[i + u]);
-  for (int u = 0; i + u < n; ++u) acc[u] = nan_max(acc[u], x[i + u]);
-  for (int u = 0; u < 8; ++u) acc[u] = nan_max(acc[u], acc[u + 8]);
-  for (int u = 0; u < 4; ++u) acc[u] = nan_max(acc[u], acc[u + 4]);
-  for (int u = 0; u < 2; ++u) acc[u] = nan_max(acc[u], acc[u + 2]);
-  return nan_max(acc[0], acc[1]);
+  for (; i + kLanes <= n; i += kLanes)
+    for (int u = 0; u < kLanes; ++u) {
+      acc[u] = x[i + u] > acc[u] ? x[i + u] : acc[u];
+      poison[u] += x[i + u] * 0.0f;
+    }
+  for (int u = 0; i + u < n; ++u) {
+    acc[u] = x[i + u] > acc[u] ? x[i + u] : acc[u];
+    poison[u] += x[i + u] * 0.0f;
+  }
+  float m = acc[0], p = poison[0];
+  for (int u = 1; u < kLanes; ++u) {
+    m = acc[u] > m ? acc[u] : m;
+    p += poison[u];
+  }
+  return m + p;
 }
 
 // Pass 2 work item: raw scores of the keys of chunk c (within [0, S)) of group bg.
