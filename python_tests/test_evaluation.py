@@ -279,6 +279,28 @@ def test_bench_evict_measures_every_policy_against_the_plain_prefill(tokenizer):
     assert "| lookaheadkv |" in table and "laq/LookaheadKV" in table
 
 
+def test_bench_evict_takes_no_ratio_of_an_overhead_within_the_prefill_noise():
+    from lookaheadkv_kernels.evaluation import bench_evict
+
+    def row(policy, ttft, runs, work):
+        plain = policy == bench_evict.PLAIN
+        return {"length": 1024, "prompt_tokens": 1000, "policy": policy, "ttft_ms": ttft, "ttft_runs_ms": runs,
+                "overhead_ms": None if plain else ttft - 1000.0, "overhead_percent": None if plain else (ttft - 1000.0) / 10,
+                "eviction_work_ms": None if plain else work, "eviction_work_percent": None if plain else work / 10,
+                "overhead_ratio_to_lookaheadkv": None, "eviction_work_ratio_to_lookaheadkv": None,
+                "peak_kv_bytes": 0, "kept_kv_bytes": 0}
+
+    meta = {"command": "x", "device": "cpu", "threads": 1, "budget": 64, "repeats": 2, "module": None}
+    plain = row(bench_evict.PLAIN, 1000.0, [950.0, 1050.0], None)  # run-to-run spread: 100 ms
+    noisy = bench_evict.markdown([plain, row("lookaheadkv", 1060.0, [], 180.0), row("snapkv", 1001.0, [], 50.0),
+                                  row("laq", 1600.0, [], 600.0)], meta)
+    assert "TTFT overhead: LookaheadKV's +60 ms is within the plain prefill's run-to-run spread (100 ms): no ratio" in noisy
+    assert "work: LookaheadKV/SnapKV 3.60× (not met, ≤ 2×); laq/LookaheadKV 3.3×" in noisy
+    clear = bench_evict.markdown([plain, row("lookaheadkv", 1300.0, [], 180.0), row("snapkv", 1001.0, [], 50.0),
+                                  row("laq", 6000.0, [], 600.0)], meta)
+    assert "TTFT overhead: SnapKV's overhead is within the spread: no LookaheadKV/SnapKV ratio; laq/LookaheadKV 16.7× (met" in clear
+
+
 def test_a_record_cut_off_by_a_killed_run_is_dropped(tmp_path):
     path = tmp_path / "eval_k.jsonl"
     whole = {"uid": "a/300/0", "policy": "snapkv", "budget": 64, "score": 100.0}
