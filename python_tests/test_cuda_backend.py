@@ -184,6 +184,8 @@ def test_emulated_attention_query_reduce_is_per_head():
     case = QUERY_MAX_CASES[4]
     q, k, _ = attention_inputs(case, F32, torch.Generator().manual_seed(len(case) + case[4]))
     assert not torch.allclose(expected_scores(q, k, case, "max"), expected_scores(q, k, case, "mean"))
+
+
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
 @pytest.mark.parametrize("layout", ["transposed", "row_stride_plus_1"])
 def test_emulated_attention_strided(emulated, dtype, layout):
