@@ -57,6 +57,11 @@ VARIANTS.update({  # other widths with the default ramp (measured at 8K, where t
 })
 VARIANTS.update({  # each key scored by the lookahead query that attends to it most, not by their mean
     "avg-pool 17 + depth ramp 0.5 + query max": dict(pool_kernel=17, pool_type="avg", depth_ramp=0.5, query_reduce="max"),
+    "avg-pool 13 + depth ramp 0.5 + query max": dict(pool_kernel=13, pool_type="avg", depth_ramp=0.5, query_reduce="max"),
+    "avg-pool 17 + depth ramp 0.75 + query max": dict(pool_kernel=17, pool_type="avg", depth_ramp=0.75, query_reduce="max"),
+    "avg-pool 17 + depth ramp 0.5 + query max + GQA max": dict(
+        pool_kernel=17, pool_type="avg", depth_ramp=0.5, query_reduce="max", gqa_reduce="max"
+    ),
 })
 REFERENCES = {"SnapKV (paper config)": SnapKV, "Oracle": Oracle}
 
