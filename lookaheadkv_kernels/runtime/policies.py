@@ -345,7 +345,8 @@ class LookaheadKV(Policy):
     lookahead query gives it, not their mean — the 32 queries can point at different spans (the
     several needles a question asks for), and a mean lets the span most of them share crowd out the
     rest. On the same held-apart prompts it kept the full-cache answer likelier at budgets 64, 128
-    and 256; the module is still trained on the mean (training on the max was not tried).
+    and 256; the module is still trained on the mean (a module trained on the max measured worse
+    there: bench/results/lookaheadkv_training_variants.md).
 
     `depth_ramp` spreads the budget over depth (`depth_ramp_budgets`): 0.5 by default, i.e. from
     0.5·budget at the first layer to 1.5·budget at the last, the same KV memory in total. Not in the
