@@ -1,6 +1,7 @@
 """Runtime tests on random tiny models of every supported family (Llama, Mistral, Qwen2, Qwen3),
 with the model's SDPA and eager attention. The real SmolLM2 is in test_runtime_smollm2.py."""
 
+import os
 import warnings
 
 import pytest
@@ -328,6 +329,18 @@ def test_trained_module_round_trips_through_save_and_load(tmp_path, family):
     _, kv = prompt_cache(model, prompt_ids())
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(lookahead_stream(model, module, kv)[1], lookahead_stream(model, loaded, kv)[1]))
+
+
+def test_smollm2_conversion_is_cached_by_content_not_by_install_time(tmp_path):
+    from lookaheadkv_kernels.runtime.models import smollm2_checkpoint_name
+
+    first, reinstalled, changed = tmp_path / "a.gguf", tmp_path / "b.gguf", tmp_path / "c.gguf"
+    first.write_bytes(b"GGUF" + bytes(range(256)) * 5000)
+    reinstalled.write_bytes(first.read_bytes())
+    changed.write_bytes(first.read_bytes()[:-1] + b"x")
+    os.utime(reinstalled, (1, 1))
+    assert smollm2_checkpoint_name(first) == smollm2_checkpoint_name(reinstalled)  # one cached copy per file
+    assert smollm2_checkpoint_name(first) != smollm2_checkpoint_name(changed)  # never a stale conversion
 
 
 def test_loading_onto_a_mismatched_model_is_a_clear_error(tmp_path):
