@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .argtypes import choice_list, int_list, positive_int
 from .ops import dispatch
 
 SHAPES = {  # name: (Hq, Hkv, D, hidden)
@@ -288,13 +289,13 @@ def run(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="lookaheadkv bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--ops", default=",".join(dispatch.OPS), type=lambda s: s.split(","))
-    p.add_argument("--shapes", default="smollm2,llama8b", type=lambda s: s.split(","))
-    p.add_argument("--dtypes", default="float32,bfloat16", type=lambda s: s.split(","))
-    p.add_argument("--lengths", default="4096,16384,32768", type=lambda s: [int(x) for x in s.split(",")])
-    p.add_argument("--budgets", default="128,512,2048", type=lambda s: [int(x) for x in s.split(",")])
-    p.add_argument("--backends", default="cpu,cuda,triton", type=lambda s: s.split(","))
-    p.add_argument("--repeats", default=5, type=int)
+    p.add_argument("--ops", default=",".join(dispatch.OPS), type=choice_list(dispatch.OPS, "ops"))
+    p.add_argument("--shapes", default="smollm2,llama8b", type=choice_list(SHAPES, "shapes"))
+    p.add_argument("--dtypes", default="float32,bfloat16", type=choice_list(DTYPES, "dtypes"))
+    p.add_argument("--lengths", default="4096,16384,32768", type=int_list(1))
+    p.add_argument("--budgets", default="128,512,2048", type=int_list(1))
+    p.add_argument("--backends", default="cpu,cuda,triton", type=choice_list(("cpu", "cuda", "triton"), "backends"))
+    p.add_argument("--repeats", default=5, type=positive_int)
     p.add_argument("--csv", default=None, help="CSV path (default bench/results/ops_<device>_<date>.csv)")
     p.add_argument("--quick", action="store_true", help="one small length and budget, for a smoke run")
     args = p.parse_args(argv)

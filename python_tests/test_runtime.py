@@ -192,6 +192,20 @@ def test_budget_at_least_prompt_generates_full_cache_tokens(family, attn):
             assert result.eviction.kept == [PROMPT] * 3
 
 
+def test_a_budget_below_what_a_policy_always_keeps_fails_before_the_prefill(monkeypatch):
+    model = tiny_model("llama")
+    ids = prompt_ids(80)
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the prefill ran before the budget was checked")
+
+    monkeypatch.setattr(model, "forward", no_forward)
+    for policy, floor in ((SnapKV(), 36), (SnapKV(window=8, num_sink=0), 8), (LAQ(), 36), (KNorm(), 4)):
+        with pytest.raises(ValueError, match=f"budget {floor - 1} is below the {floor} entries per layer {policy.name}"):
+            prefill_and_evict(model, ids, policy, budget=floor - 1, max_new_tokens=4)
+    assert SnapKV().always_kept(20) == 20 and KNorm(num_sink=30).always_kept(20) == 20  # short prompts: all of it
+
+
 def test_every_policy_evicts_each_layer_to_its_budget(family):
     model = tiny_model(family)
     ids = prompt_ids(80)  # room for SnapKV.kvpress()'s window of 64
@@ -396,7 +410,7 @@ def test_sliding_window_overflow_is_refused():
         (True, TypeError, "budget"),
         ("64", TypeError, "budget"),
         ([8, 8], ValueError, "3 entries"),
-        (20, ValueError, "budget=20 is smaller than the 36 always-kept"),  # 4 sinks + SnapKV window 32
+        (20, ValueError, "budget 20 is below the 36 entries per layer snapkv"),  # 4 sinks + SnapKV window 32
     ],
 )
 def test_bad_budgets_raise_clear_errors(budget, error, match):

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
+from ..argtypes import int_list, parse_option, positive_int, torch_device
 from .policies import build_policy, load_lookahead, parse_policies
-from .tasks import make_sample, prompt_ids
+from .tasks import MIN_LENGTH, make_sample, prompt_ids
 
 DEFAULT_POLICIES = "lookaheadkv,snapkv,pyramidkv,streamingllm,laq,speckv"
 PLAIN = "plain prefill"
@@ -171,26 +172,29 @@ def _parser():
     parser.add_argument("--quick", action="store_true", help="lengths 1024,2048, 2 repeats")
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--module", default=None, help="lookahead module directory (default: the shipped one)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="float32 (CPU default) or bfloat16 (CUDA default)")
     parser.add_argument("--lengths", default=None, help="prompt lengths (default 1024,2048,4096,8192)")
     parser.add_argument("--policies", default=DEFAULT_POLICIES)
-    parser.add_argument("--budget", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per policy (default 3)")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="answer length drafting policies plan for")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--budget", type=positive_int, default=128, help="KV entries kept per layer and head")
+    parser.add_argument("--repeats", type=positive_int, default=None, help="timed runs per policy (default 3)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=32, help="answer length drafting policies plan for")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--name", default=None, help="results: <out>/bench_evict_<name>.{json,md} (default: the device type)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     return parser
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    lengths = [int(x) for x in (args.lengths or ("1024,2048" if args.quick else "1024,2048,4096,8192")).split(",")]
+    parser = _parser()
+    args = parser.parse_args(argv)
+    lengths = parse_option(
+        parser, "--lengths", int_list(MIN_LENGTH), args.lengths or ("1024,2048" if args.quick else "1024,2048,4096,8192")
+    )
     repeats = args.repeats or (2 if args.quick else 3)
-    policies = [p for p in parse_policies(args.policies) if p != "full"]
+    policies = [p for p in parse_option(parser, "--policies", parse_policies, args.policies) if p != "full"]
     if any(p.startswith("kvpress-") for p in policies):
-        raise SystemExit("bench-evict times the runtime's policies; kvpress peers are compared by `lookaheadkv eval`")
+        parser.error("argument --policies: bench-evict times the runtime's policies; kvpress peers are compared by `lookaheadkv eval`")
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 

@@ -15,44 +15,56 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
-from pathlib import Path
 
 import torch
 
-from .policies import FULL, PEER_POLICIES, build_policy, load_lookahead, parse_policies
+from ..argtypes import existing_file, parse_option, positive_int
+from .policies import FULL, PEER_POLICIES, build_policy, load_lookahead, parse_budgets, parse_policies
 from .tasks import Sample, make_sample, prompt_ids, score
 
 BUILT_IN = ("niah_multikey", 2048, 0)
+CUSTOM_MAX_NEW_TOKENS = 48  # answer length for --prompt-file (the built-in sample has its own)
 
 
 def _parser():
     parser = argparse.ArgumentParser(prog="lookaheadkv demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--prompt-file", type=Path, default=None, help="a text file to ask about (default: built-in)")
+    parser.add_argument("--prompt-file", type=existing_file, default=None, help="a text file to ask about (default: built-in)")
     parser.add_argument("--question", default=None, help="the question (required with --prompt-file)")
     parser.add_argument("--budget", default="128", help="KV entries kept per layer and head (int; the mean over layers where a policy varies it by layer) or a ratio (decimal)")
     parser.add_argument("--policies", default="lookaheadkv,snapkv,laq", help="policies to compare with the full cache")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument(
+        "--max-new-tokens", type=positive_int, default=None,
+        help=f"answer length (default: the built-in sample's, {CUSTOM_MAX_NEW_TOKENS} with --prompt-file)",
+    )
     parser.add_argument("--model", default="smollm2", help="'smollm2' (embedded) or a local HF checkpoint directory")
     parser.add_argument("--module", default=None, help="lookahead module directory (default: the shipped one)")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     return parser
+
+
+def _one_budget(text: str) -> int | float:
+    budgets = parse_budgets(text)
+    if len(budgets) != 1:
+        raise ValueError(f"one budget, got {text!r}")
+    return budgets[0]
 
 
 def _sample(args, tokenizer) -> Sample:
     if args.prompt_file is None:
-        if args.question:
-            raise SystemExit("--question needs --prompt-file (the built-in document comes with its own question)")
         return make_sample(*BUILT_IN, tokenizer)
-    if not args.question:
-        raise SystemExit("--prompt-file needs --question")
     document = args.prompt_file.read_text()
-    return Sample("custom", 0, 0, document, args.question, "", (), args.max_new_tokens)
+    return Sample("custom", 0, 0, document, args.question, "", (), args.max_new_tokens or CUSTOM_MAX_NEW_TOKENS)
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    budget = float(args.budget) if "." in args.budget else int(args.budget)
-    policies = [p for p in parse_policies(args.policies) if p != FULL]
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.prompt_file is None and args.question:
+        parser.error("--question needs --prompt-file (the built-in document comes with its own question)")
+    if args.prompt_file is not None and not args.question:
+        parser.error("--prompt-file needs --question")
+    budget = parse_option(parser, "--budget", _one_budget, args.budget)
+    policies = [p for p in parse_option(parser, "--policies", parse_policies, args.policies) if p != FULL]
 
     from transformers.utils import logging as hf_logging
 
@@ -76,19 +88,24 @@ def main(argv=None) -> int:
             policies.remove("lookaheadkv")
 
     sample = _sample(args, tokenizer)
-    max_new = sample.max_new_tokens if args.prompt_file is None else args.max_new_tokens
+    max_new = args.max_new_tokens or sample.max_new_tokens
     ids = torch.tensor([prompt_ids(sample, tokenizer)])
     print(f"prefilling {ids.shape[1]} tokens ...", file=sys.stderr, flush=True)
     prefill = capture_prefill(model, ids)
     full_bytes = prefill.full_cache_bytes()
 
     rows = [(FULL, decode(model, prefill, prefill.full_cache(), max_new), full_bytes, None)]
+    skipped = []
     for name in policies:
         print(f"evicting with {name} ...", file=sys.stderr, flush=True)
-        if name in PEER_POLICIES:
-            replay = press_evict(model, prefill, name, budget)
-        else:
-            replay = evict(model, prefill, build_policy(name, module), budget, max_new_tokens=max_new)
+        try:
+            if name in PEER_POLICIES:
+                replay = press_evict(model, prefill, name, budget)
+            else:
+                replay = evict(model, prefill, build_policy(name, module), budget, max_new_tokens=max_new)
+        except ValueError as error:  # e.g. a budget below the window a policy always keeps
+            skipped.append(f"{name}: {error}")
+            continue
         rows.append((name, decode(model, prefill, replay.cache, max_new), replay.kept_bytes, replay.seconds))
 
     source = f"built-in {sample.task} document" if args.prompt_file is None else str(args.prompt_file)
@@ -109,6 +126,8 @@ def main(argv=None) -> int:
         print(f"{label:<14} {lines[0]:<{width}} {kept_text:>18} {timing:>10}{verdict}")
         for line in lines[1:]:
             print(f"{'':<14} {line}")
+    for line in skipped:
+        print(f"not run: {line}")
     return 0
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..argtypes import int_list, nonnegative_int, parse_option, positive_int
 from .policies import (
     ALL_POLICIES,
     FULL,
@@ -28,7 +29,7 @@ from .policies import (
     parse_budgets,
     parse_policies,
 )
-from .tasks import DEFAULT_SEED, LENGTHS, TASKS, make_sample, prompt_ids, score
+from .tasks import DEFAULT_SEED, LENGTHS, MIN_LENGTH, TASKS, make_sample, parse_tasks, prompt_ids, score
 
 DEFAULT_OUT = Path("bench/results")
 DEFAULT_BUDGETS = "64,128,256,512"
@@ -136,9 +137,9 @@ def _parser():
     parser.add_argument("--module", default=None, help="lookahead module directory (default: the one shipped for the model)")
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="prompt lengths in tokens")
-    parser.add_argument("--samples", type=int, default=3, help="samples per task and length")
+    parser.add_argument("--samples", type=positive_int, default=3, help="samples per task and length")
     parser.add_argument(
-        "--first-sample", type=int, default=0,
+        "--first-sample", type=nonnegative_int, default=0,
         help="index of the first sample (the reported suite starts at 0; bench/lookaheadkv_scoring_sweep.py tunes on 1-2)",
     )
     parser.add_argument("--policies", default=",".join(ALL_POLICIES), help="comma-separated policies")
@@ -146,7 +147,7 @@ def _parser():
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--name", default=None, help="results name: <out>/eval_<name>.* (default 'quick' or 'full')")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--report-only", action="store_true", help="rebuild the CSV/markdown/plots from the JSONL")
     parser.add_argument(
         "--report-name", default=None,
@@ -157,21 +158,22 @@ def _parser():
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.quick:
-        defaults = _parser().parse_args([])
+        defaults = parser.parse_args([])
         for key, value in QUICK.items():
             if getattr(args, key) == getattr(defaults, key):
                 setattr(args, key, value)
-    if args.samples < 1 or args.first_sample < 0:
-        raise SystemExit(f"need --samples >= 1 and --first-sample >= 0, got {args.samples} and {args.first_sample}")
+    policies = parse_option(parser, "--policies", parse_policies, args.policies)
+    budgets = parse_option(parser, "--budgets", parse_budgets, args.budgets)
+    tasks = parse_option(parser, "--tasks", parse_tasks, args.tasks)
+    lengths = parse_option(parser, "--lengths", int_list(MIN_LENGTH), args.lengths)
     name = args.name or ("quick" if args.quick else "full")
     jsonl = args.out / f"eval_{name}.jsonl"
     store = ResultStore(jsonl)
-    policies = parse_policies(args.policies)
-    budgets = parse_budgets(args.budgets)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    if args.report_only and not store.records:
+        parser.error(f"--report-only: no records in {jsonl}")
 
     from .report import write_report
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..argtypes import parse_names
 from ..runtime.lookahead import LookaheadModule, shipped_module_dir
 from ..runtime.policies import (
     LOOKAHEAD_DEPTH_RAMP, LOOKAHEAD_POOL_KERNEL, LOOKAHEAD_POOL_TYPE, LOOKAHEAD_QUERY_REDUCE, LookaheadKV, SnapKV,
@@ -50,11 +51,7 @@ def load_lookahead(model, module_dir: str | Path | None = None) -> tuple[Lookahe
 
 
 def parse_policies(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in ALL_POLICIES]
-    if unknown or not names:
-        raise ValueError(f"unknown policies {unknown}; choose from {', '.join(ALL_POLICIES)}")
-    return names
+    return parse_names(text, ALL_POLICIES, "policies")
 
 
 def build_policy(name: str, module: LookaheadModule | None):

@@ -25,6 +25,8 @@ from functools import lru_cache
 from importlib import resources
 from typing import Callable
 
+from ..argtypes import parse_names
+
 TASKS = (
     "niah_single",
     "niah_multikey",
@@ -36,6 +38,7 @@ TASKS = (
     "fact_qa",
 )
 LENGTHS = (1024, 2048, 4096, 8192)
+MIN_LENGTH = 256  # shortest prompt a sample is built for: room for the question, the answer and some filler
 DEFAULT_SEED = 1234
 
 # Word lists for needle keys and generated facts: invented or common words only, so the model cannot
@@ -321,6 +324,11 @@ def _fact_qa(rng: random.Random, num_people: int = 8):
     return build, 16
 
 
+def parse_tasks(text: str) -> list[str]:
+    """Tasks from "niah_single,fact_qa"; at least one, each a known task."""
+    return parse_names(text, TASKS, "tasks")
+
+
 def _task_builder(task: str, rng: random.Random, length: int) -> tuple[Callable, int]:
     if task == "niah_single":
         return _niah(rng, num_keys=1, num_values=1, num_queries=1)
@@ -348,8 +356,8 @@ def _sample_rng(seed: int, task: str, length: int, index: int) -> random.Random:
 
 def make_sample(task: str, length: int, index: int, tokenizer, seed: int = DEFAULT_SEED) -> Sample:
     """The sample `index` of `task` at `length` tokens: the most filler for which prompt + answer fit."""
-    if length < 256:
-        raise ValueError(f"length must be >= 256 tokens, got {length}")
+    if length < MIN_LENGTH:
+        raise ValueError(f"length must be >= {MIN_LENGTH} tokens, got {length}")
     build, max_new_tokens = _task_builder(task, _sample_rng(seed, task, length, index), length)
     limit = length - max_new_tokens
 

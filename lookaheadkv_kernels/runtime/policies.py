@@ -108,6 +108,16 @@ class Policy:
         """Per-layer budgets from one (already resolved) budget; uniform unless a policy says otherwise."""
         return [budget] * num_layers
 
+    def unscored_tail(self, num_prompt: int) -> int:
+        """Trailing prompt entries kept unscored (an observation window, recent tokens)."""
+        return 0
+
+    def always_kept(self, num_prompt: int) -> int:
+        """Entries per layer kept whatever the scores: the sinks and the unscored tail. A layer budget
+        below this (and below the prompt) cannot be honoured."""
+        tail = self.unscored_tail(num_prompt)
+        return min(self.num_sink, num_prompt - tail) + tail
+
     def extra_tokens(self, model, input_ids: torch.Tensor, max_new_tokens: int | None) -> torch.Tensor | None:
         """Token rows [B, E] to prefill after the prompt for scoring (dropped from the cache afterwards)."""
         return None
@@ -214,6 +224,9 @@ class SnapKV(Policy):
         check_int("window", window, 0)
         self.window = window
         self.options = ScoreOptions(gqa_reduce, pool_kernel, pool_type, query_reduce)
+
+    def unscored_tail(self, num_prompt):
+        return min(self.window, num_prompt - 1)  # as _WindowScorer: at least one scored key
 
     @classmethod
     def kvpress(cls, num_sink: int = DEFAULT_NUM_SINK) -> "SnapKV":
@@ -377,6 +390,9 @@ class LookaheadKV(Policy):
         self.recent = recent
         self.depth_ramp = check_depth_ramp(depth_ramp)
 
+    def unscored_tail(self, num_prompt):
+        return min(self.recent, num_prompt - 1)
+
     def layer_budgets(self, budget, num_prompt, num_layers):
         # Every layer keeps its sinks and its unscored recent tokens plus at least one scored key.
         return depth_ramp_budgets(budget, num_prompt, num_layers, self.depth_ramp, self.num_sink + self.recent + 1)
@@ -459,6 +475,10 @@ class LAQ(Policy):
         self.num_pseudo, self.window, self.snap_window = num_pseudo, window, snap_window
         self.options = ScoreOptions(gqa_reduce, pool_kernel, "max")
         self.snap_options = ScoreOptions("mean", pool_kernel, "max")
+
+    def unscored_tail(self, num_prompt):
+        # Its window is kept, and the SnapKV-compressed copy it drafts on keeps snap_window, same budget.
+        return min(max(self.window, self.snap_window), num_prompt - 1)
 
     def scorer(self, run):
         return _LAQScorer(self, run)

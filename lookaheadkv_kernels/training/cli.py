@@ -20,46 +20,65 @@ from pathlib import Path
 
 import torch
 
+from ..argtypes import nonnegative_int, positive_int, torch_device
 from ..runtime.models import cache_dir, config_hash, load_model
 from .data import make_samples
 from .teacher import build_records
 from .trainer import TrainConfig, Trainer
 
 
-def parse_args(argv):
+def _parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     p = argparse.ArgumentParser(prog="lookaheadkv train", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2", help="'smollm2' (embedded) or a local HF checkpoint directory")
     p.add_argument("--out", required=True, help="run directory: checkpoint, final module, history")
     p.add_argument("--data-dir", help="teacher records (default: the runtime cache dir, keyed by model and recipe)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
     data = p.add_argument_group("data")
-    data.add_argument("--train-samples", type=int, default=256)
-    data.add_argument("--val-samples", type=int, default=16, help="held-out prompts for validation during training")
-    data.add_argument("--min-tokens", type=int, default=512, help="shortest document, in tokens")
-    data.add_argument("--max-tokens", type=int, default=1024, help="longest document, in tokens")
-    data.add_argument("--answer-tokens", type=int, default=64, help="longest teacher answer")
-    data.add_argument("--teacher-batch", type=int, default=8, help="prompts answered together by the teacher")
+    data.add_argument("--train-samples", type=positive_int, default=256)
+    data.add_argument("--val-samples", type=nonnegative_int, default=16, help="held-out prompts for validation during training")
+    data.add_argument("--min-tokens", type=positive_int, default=512, help="shortest document, in tokens")
+    data.add_argument("--max-tokens", type=positive_int, default=1024, help="longest document, in tokens")
+    data.add_argument("--answer-tokens", type=positive_int, default=64, help="longest teacher answer")
+    data.add_argument("--teacher-batch", type=positive_int, default=8, help="prompts answered together by the teacher")
     data.add_argument("--data-seed", type=int, default=0)
     train = p.add_argument_group("training")
-    train.add_argument("--steps", type=int, default=defaults.steps)
-    train.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    train.add_argument("--steps", type=positive_int, default=defaults.steps)
+    train.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
     train.add_argument("--lr", type=float, default=defaults.lr)
     train.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    train.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    train.add_argument("--warmup-steps", type=nonnegative_int, default=defaults.warmup_steps)
     train.add_argument("--clip-norm", type=float, default=defaults.clip_norm)
     train.add_argument("--seed", type=int, default=defaults.seed, help="module initialisation and record order")
-    train.add_argument("--n-lookahead", type=int, default=defaults.n_lookahead)
-    train.add_argument("--rank", type=int, default=defaults.rank)
+    train.add_argument("--n-lookahead", type=positive_int, default=defaults.n_lookahead)
+    train.add_argument("--rank", type=positive_int, default=defaults.rank)
     train.add_argument("--alpha", type=float, default=defaults.alpha)
-    train.add_argument("--num-sink", type=int, default=defaults.num_sink, help="leading keys left out of the loss (the policy keeps them)")
-    train.add_argument("--recent", type=int, default=defaults.recent, help="trailing keys left out of the loss")
-    train.add_argument("--pool-kernel", type=int, default=defaults.pool_kernel, help="pool target and prediction (odd; 1 = none)")
+    train.add_argument("--num-sink", type=nonnegative_int, default=defaults.num_sink, help="leading keys left out of the loss (the policy keeps them)")
+    train.add_argument("--recent", type=nonnegative_int, default=defaults.recent, help="trailing keys left out of the loss")
+    train.add_argument("--pool-kernel", type=positive_int, default=defaults.pool_kernel, help="pool target and prediction (odd; 1 = none)")
     train.add_argument("--pool-type", choices=("avg", "max"), default=defaults.pool_type)
-    train.add_argument("--eval-every", type=int, default=defaults.eval_every)
-    train.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    train.add_argument("--eval-every", type=nonnegative_int, default=defaults.eval_every)
+    train.add_argument("--checkpoint-every", type=nonnegative_int, default=defaults.checkpoint_every)
     train.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv) -> tuple[argparse.Namespace, TrainConfig]:
+    """The options and the training settings, checked before any model loads or data is built."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.min_tokens > args.max_tokens:
+        parser.error(f"--min-tokens {args.min_tokens} exceeds --max-tokens {args.max_tokens}")
+    try:
+        config = TrainConfig(
+            steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+            warmup_steps=args.warmup_steps, clip_norm=args.clip_norm, seed=args.seed, n_lookahead=args.n_lookahead,
+            rank=args.rank, alpha=args.alpha, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+            num_sink=args.num_sink, recent=args.recent, pool_kernel=args.pool_kernel, pool_type=args.pool_type,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    return args, config
 
 
 def default_data_dir(model, args) -> Path:
@@ -69,7 +88,7 @@ def default_data_dir(model, args) -> Path:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
+    args, config = parse_args(argv)
     started = time.time()
     model, tokenizer = load_model(args.model, device=args.device)
 
@@ -85,12 +104,6 @@ def main(argv=None) -> int:
     train_paths = build_records(model, tokenizer, train_samples, data_dir, **teacher)
     teacher_done = time.time()
 
-    config = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps, clip_norm=args.clip_norm, seed=args.seed, n_lookahead=args.n_lookahead,
-        rank=args.rank, alpha=args.alpha, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-        num_sink=args.num_sink, recent=args.recent, pool_kernel=args.pool_kernel, pool_type=args.pool_type,
-    )
     trainer = Trainer(model, train_paths, val_paths, args.out, config, device=args.device)
     if not args.fresh and trainer.load_checkpoint():
         print(f"resuming from {trainer.checkpoint_path} at step {trainer.step}", file=sys.stderr)

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from ..runtime.cache import CompactedCache, CompactedLayer, compact_layer
 from ..runtime.eviction import encode_prompt
 from ..runtime.lookahead import LookaheadModule
+from ..argtypes import positive_int, torch_device
 from ..runtime.models import cache_dir, config_hash, layer_parts, load_model
 from ..runtime.policies import (
     DEFAULT_NUM_SINK, LAQ, LOOKAHEAD_DEPTH_RAMP, LOOKAHEAD_POOL_KERNEL, LOOKAHEAD_POOL_TYPE, LOOKAHEAD_QUERY_REDUCE, LookaheadKV,
@@ -230,13 +231,13 @@ def main(argv=None) -> int:
                    "policies run (their rows are cached for the run with a module)")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--out", required=True, help="markdown report path (a .json with every prompt's row is written next to it)")
-    p.add_argument("--per-length", type=int, default=4, help="held-out prompts per target length")
-    p.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
-    p.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
-    p.add_argument("--answer-tokens", type=int, default=48)
-    p.add_argument("--teacher-batch", type=int, default=4)
+    p.add_argument("--per-length", type=positive_int, default=4, help="held-out prompts per target length")
+    p.add_argument("--lengths", type=positive_int, nargs="+", default=list(LENGTHS))
+    p.add_argument("--budgets", type=positive_int, nargs="+", default=list(BUDGETS))
+    p.add_argument("--answer-tokens", type=positive_int, default=48)
+    p.add_argument("--teacher-batch", type=positive_int, default=4)
     p.add_argument("--seed", type=int, default=0, help="data seed of the held-out prompts")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--records-only", action="store_true", help="only build the held-out teacher records (resumable)")
     args = p.parse_args(argv)
 
