@@ -63,6 +63,13 @@ VARIANTS.update({  # each key scored by the lookahead query that attends to it m
         pool_kernel=17, pool_type="avg", depth_ramp=0.5, query_reduce="max", gqa_reduce="max"
     ),
 })
+VARIANTS = {name: dict(options, window_votes=0) for name, options in VARIANTS.items()}  # all above: the lookahead rows alone
+VARIANTS.update({  # the lookahead rows' scores plus SnapKV's window votes (LookaheadKV's window_votes; the default since session 7)
+    f"avg-pool 17 + depth ramp 0.5 + query max + window votes {weight}": dict(
+        pool_kernel=17, pool_type="avg", depth_ramp=0.5, query_reduce="max", window_votes=weight, window=32
+    )
+    for weight in (0.5, 1.0)
+})
 REFERENCES = {"SnapKV (paper config)": SnapKV, "Oracle": Oracle}
 
 

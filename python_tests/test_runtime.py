@@ -305,6 +305,33 @@ def test_snapkv_scores_equal_eager_attention(family, snapkv):
         torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("weight, window, recent", [(1.0, 32, 0), (0.5, 16, 0), (2.0, 8, 20)])
+def test_lookaheadkv_window_votes_add_snapkv_shares(family, weight, window, recent):
+    model = tiny_model(family, "eager")
+    ids = prompt_ids(80)
+    module = trained_looking(model)
+    alone = collect_scores(model, ids, LookaheadKV(module, recent=recent, window_votes=0))
+    votes = collect_scores(model, ids, SnapKV(window=window, pool_kernel=17, pool_type="avg", query_reduce="max"))
+    mixed = collect_scores(model, ids, LookaheadKV(module, recent=recent, window_votes=weight, window=window))
+    assert LookaheadKV(module).window_votes == 1.0 and LookaheadKV(module).window == 32  # the defaults
+    for a, v, m in zip(alone, votes, mixed):
+        both = min(a.shape[-1], v.shape[-1])
+        expected = (a / a[..., 4:].sum(-1, keepdim=True)).double()
+        expected[..., :both] += weight * (v / v[..., 4:].sum(-1, keepdim=True)).double()[..., :both]
+        assert m.shape == a.shape and m.dtype == torch.float32
+        torch.testing.assert_close(m.double(), expected, rtol=1e-6, atol=1e-9)
+
+
+def test_window_votes_options_are_checked():
+    module = trained_looking(tiny_model("llama"))
+    for bad in (-0.5, float("nan"), float("inf"), "1"):
+        with pytest.raises(ValueError, match="window_votes"):
+            LookaheadKV(module, window_votes=bad)
+    for bad in (0, -1, 2.5):
+        with pytest.raises((ValueError, TypeError), match="window"):
+            LookaheadKV(module, window=bad)
+
+
 def test_key_only_policy_scores():
     model = tiny_model("llama")
     ids = prompt_ids()

@@ -124,11 +124,12 @@ def module_part(model, record, modules: dict, budgets, kv_path: Path, row: dict)
     layers = kv_only_inputs(model, saved["keys"], saved["values"])
     oracle = record.importance.to(device)
     for name, module in modules.items():
-        # Recall: the policy as users get it (its default pooling and max over the queries). KL: the
+        # Recall: the policy as users get it (its default pooling and max over the queries), less the
+        # window votes (the report measures the module; this scores saved K/V without hidden rows). KL: the
         # loss training fits by default (trainer.distributions with TrainConfig(), which pools), from
         # the unpooled mean over the queries.
         # Scores do not depend on the budget: score once, compact per budget.
-        policy = LookaheadKV(module)
+        policy = LookaheadKV(module, window_votes=0)  # the module alone (the window's votes are SnapKV's)
         scores = policy_scores(model, layers, None, policy, [n] * len(layers), n)
         row["recall"][name] = {
             b: mean_recall(compact_all(layers, scores, policy.layer_budgets(b, n, len(layers)), policy.num_sink, n), oracle, b)
@@ -191,7 +192,7 @@ def markdown(recall, kl, rows, budgets, settings: dict) -> str:
         "oracle's top-B keys among the keys the policy keeps at budget B (its sinks and windows included), "
         f"mean over KV heads, layers and prompts. All policies protect {DEFAULT_NUM_SINK} sink tokens and use their "
         f"defaults (LookaheadKV: {LOOKAHEAD_POOL_TYPE}-pool {LOOKAHEAD_POOL_KERNEL}, {LOOKAHEAD_QUERY_REDUCE} over its queries, "
-        f"depth ramp {LOOKAHEAD_DEPTH_RAMP}).",
+        f"depth ramp {LOOKAHEAD_DEPTH_RAMP}; the module alone, without the policy's window votes, which are SnapKV's).",
         "",
         "| policy | " + " | ".join(f"recall@{b}" for b in budgets) + " |",
         "|---|" + "---|" * len(budgets),
