@@ -366,7 +366,8 @@ def test_report_scores_a_module_on_the_saved_prompt_kv(model):
     from lookaheadkv_kernels.runtime.policies import LookaheadKV
     from lookaheadkv_kernels.training.report import kept_positions, kv_only_inputs, record_prefill
 
-    policy = LookaheadKV(LookaheadModule(model, n_lookahead=4, rank=2, seed=3))
+    # The module alone, as the report scores it: saved K/V carry no hidden rows for window votes.
+    policy = LookaheadKV(LookaheadModule(model, n_lookahead=4, rank=2, seed=3), window_votes=0)
     ids = random_prompts([50], seed=13)[0][None]
     expected = prefill_and_evict(model, ids, policy, 20).kept
     layers, _ = record_prefill(model, ids)

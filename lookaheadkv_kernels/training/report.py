@@ -135,7 +135,7 @@ def module_part(model, record, modules: dict, budgets, kv_path: Path, row: dict)
             b: mean_recall(compact_all(layers, scores, policy.layer_budgets(b, n, len(layers)), policy.num_sink, n), oracle, b)
             for b in budgets
         }
-        unpooled = policy_scores(model, layers, None, LookaheadKV(module, pool_kernel=1, query_reduce="mean"), [n] * len(layers), n)
+        unpooled = policy_scores(model, layers, None, LookaheadKV(module, pool_kernel=1, query_reduce="mean", window_votes=0), [n] * len(layers), n)
         target, predicted = distributions(oracle, torch.stack([s[0] for s in unpooled]), TrainConfig())
         row["kl"][name] = float(kl_divergence(target, predicted).mean())
 
