@@ -23,7 +23,9 @@ from .kvpress_peers import PRESSES
 
 class SnapKVWithLookaheadConfig(SnapKV):
     """SnapKV (window 32) with LookaheadKV's default pooling, reduce over the queries and per-layer
-    budgets: everything but the lookahead rows."""
+    budgets: everything but the lookahead rows. Since LookaheadKV adds these very window votes to its
+    rows' scores (`window_votes`), this is LookaheadKV without the rows — except that SnapKV keeps
+    its window, which LookaheadKV does not."""
 
     name = "snapkv-lkvconfig"
 
