@@ -389,9 +389,11 @@ class LookaheadKV(Policy):
     queries (the question) score the keys before them with the same options, and a key ranks by its
     share of the lookahead rows' attention mass plus `window_votes` times its share of the window's
     (shares over the keys after the sinks: `add_votes`). Not in the paper (0 gives the paper's
-    scores). On the same held-apart prompts it kept the full-cache answer likelier at budgets 128 and
-    256 (and worse at 64) than the lookahead rows alone; it costs one `attention_scores` call of
-    `window` queries per layer on top (SnapKV's own scoring). The window is not kept as such.
+    scores). On the same held-apart prompts it kept the full-cache answer likelier than the lookahead
+    rows alone at budgets 128 and 256 over 1K-4K (worse at 64) and at every budget at 8K, and lifted
+    the suite at 128 (bench/results/README_results.md); it costs one `attention_scores` call of
+    `window` queries per layer on top (SnapKV's own scoring: +40-60% eviction work on SmolLM2's CPU
+    runs). The window is not kept as such.
     """
 
     name = "lookaheadkv"
