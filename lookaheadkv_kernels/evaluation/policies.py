@@ -33,7 +33,7 @@ class SnapKVWithLookaheadConfig(SnapKV):
         super().__init__(pool_kernel=LOOKAHEAD_POOL_KERNEL, pool_type=LOOKAHEAD_POOL_TYPE, query_reduce=LOOKAHEAD_QUERY_REDUCE)
 
     def layer_budgets(self, budget, num_prompt, num_layers):
-        floor = self.num_sink + min(self.window, num_prompt - 1) + 1  # the sinks, the kept window, one scored key
+        floor = self.num_sink + self.unscored_tail(num_prompt) + 1  # the sinks, the kept window, one scored key
         return depth_ramp_budgets(budget, num_prompt, num_layers, LOOKAHEAD_DEPTH_RAMP, floor)
 
 

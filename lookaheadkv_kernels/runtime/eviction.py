@@ -91,12 +91,11 @@ class _Evictor:
             list(resolved) if isinstance(resolved, list) else self.policy.layer_budgets(resolved, num_prompt, num_layers)
         )
         self.evicting = any(b < num_prompt for b in self.budgets)  # a prompt within budget is left alone
-        floor = self.policy.always_kept(num_prompt)
+        floor, tail = self.policy.always_kept(num_prompt), self.policy.unscored_tail(num_prompt)
         if any(floor > b < num_prompt for b in self.budgets):  # checked before the prefill, not in its middle
             raise ValueError(
                 f"budget {budget!r} is below the {floor} entries per layer {self.policy.name} always keeps of this "
-                f"{num_prompt}-token prompt ({min(self.policy.num_sink, num_prompt)} sinks + a "
-                f"{self.policy.unscored_tail(num_prompt)}-token window): raise the budget"
+                f"{num_prompt}-token prompt ({floor - tail} sinks + a {tail}-token window): raise the budget"
             )
         self.cache = CompactedCache()
         self.kept: list[torch.Tensor | None] = [None] * num_layers

@@ -248,7 +248,7 @@ class PyramidKV(SnapKV):
         self.beta = beta
 
     def layer_budgets(self, budget, num_prompt, num_layers):
-        window = min(self.window, num_prompt - 1)
+        window = self.unscored_tail(num_prompt)
         selectable = budget - window
         if budget >= num_prompt or selectable <= 0 or num_layers == 1:  # short prompts are left alone
             return [budget] * num_layers
@@ -333,6 +333,8 @@ class _LookaheadScorer(Scorer):
         self.policy, self.run = policy, run
         self.hidden = None
         self.cos = self.sin = None
+        # SnapKV's scoring of the window votes (LookaheadKV appends no rows: the window's queries only).
+        self.votes = _WindowScorer(run, policy.window, policy.options) if policy.window_votes else None
 
     def score(self, inputs):
         policy, module, n = self.policy, self.policy.module, self.run.num_prompt
@@ -341,13 +343,11 @@ class _LookaheadScorer(Scorer):
             self.cos, self.sin = lookahead_positions(self.run.model, n, module.config.n_lookahead, self.hidden)
         self.hidden, scores = lookahead_layer(
             module, inputs.parts, inputs.index, self.hidden, self.cos, self.sin,
-            inputs.keys[:, :, :n], inputs.values[:, :, :n], n - min(policy.recent, n - 1), policy.options,
+            inputs.keys[:, :, :n], inputs.values[:, :, :n], n - policy.unscored_tail(n), policy.options,
         )
-        if not policy.window_votes:
+        if self.votes is None:
             return scores
-        window = min(policy.window, n - 1)
-        votes = score_queries(inputs.queries(slice(n - window, n)), inputs.keys, n - window, inputs.parts, policy.options)
-        return add_votes(scores, votes, policy.window_votes, policy.num_sink)
+        return add_votes(scores, self.votes.score(inputs), policy.window_votes, policy.num_sink)
 
 
 def add_votes(scores: torch.Tensor, votes: torch.Tensor, weight: float, num_sink: int) -> torch.Tensor:
