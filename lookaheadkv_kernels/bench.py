@@ -294,7 +294,7 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", default="float32,bfloat16", type=choice_list(DTYPES, "dtypes"))
     p.add_argument("--lengths", default="4096,16384,32768", type=int_list(1))
     p.add_argument("--budgets", default="128,512,2048", type=int_list(1))
-    p.add_argument("--backends", default="cpu,cuda,triton", type=choice_list(("cpu", "cuda", "triton"), "backends"))
+    p.add_argument("--backends", default="cpu,cuda,triton", type=choice_list(dispatch.BACKENDS, "backends"))
     p.add_argument("--repeats", default=5, type=positive_int)
     p.add_argument("--csv", default=None, help="CSV path (default bench/results/ops_<device>_<date>.csv)")
     p.add_argument("--quick", action="store_true", help="one small length and budget, for a smoke run")
