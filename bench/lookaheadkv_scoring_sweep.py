@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from lookaheadkv_kernels.argtypes import choice_list
 from lookaheadkv_kernels.evaluation.policies import load_lookahead
 from lookaheadkv_kernels.evaluation.replay import capture_prefill, decode, evict
 from lookaheadkv_kernels.evaluation.tasks import DEFAULT_SEED, TASKS, make_sample, prompt_ids
@@ -146,12 +147,10 @@ def main() -> None:
     parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 2048, 4096])
     parser.add_argument("--indices", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
     parser.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=[64, 128, 256])
-    parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS),
+    parser.add_argument("--variants", type=choice_list(VARIANTS, "variants"), default=list(VARIANTS),
                         help=f"comma-separated LookaheadKV variants to measure (default: all of {list(VARIANTS)})")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
-    if set(args.variants) - set(VARIANTS):
-        parser.error(f"--variants: unknown {sorted(set(args.variants) - set(VARIANTS))}; choose from {list(VARIANTS)}")
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     if not args.report_only:
