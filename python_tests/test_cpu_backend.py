@@ -1,7 +1,8 @@
 """Native CPU backend specifics (csrc/cpu/): code paths the shared op tests do not reach.
 
-- attention: several key chunks (combined in chunk order), many query rows, results independent
-  of the thread count, NaN rows;
+- attention: several key chunks (combined in chunk order), many query rows, groups in several
+  waves of stored logits and groups too large to store them, results independent of the thread
+  count, NaN rows;
 - select_compact: the sampled sparse path (long rows, small budgets) with ties, NaN and infinities,
   and its fallback when the sample bound lets too few keys through;
 - rounding of the half-precision outputs, bit for bit against torch.
@@ -33,6 +34,8 @@ LONG_CASES = [
     (1, 9, 3, 32, 5000, 64, 5000, "mean", 17, "avg", "max"),  # LookaheadKV's scoring on SmolLM2's heads
     (2, 3, 1, 5, 3100, 128, 3000, "max", 5, "avg", "max"),    # GQA 3, Tq not a multiple of 16
     (1, 4, 4, 700, 1800, 32, 1800, "mean", 1, "max", "mean"),  # many query rows (44 lane tiles), Tq ~ N
+    (1, 3, 3, 1000, 2500, 32, 2500, "mean", 3, "avg", "max"),  # 10 MiB of stored logits per group: waves of 2, 1
+    (1, 1, 1, 2000, 3400, 32, 3300, "mean", 1, "max", "mean"),  # 25.6 MiB per group: over the cap, logits recomputed
 ]
 
 

@@ -1,5 +1,6 @@
-// attention_scores and lookahead_attention on CPU (docs/ops.md §2-3): one fused, streaming
-// computation that never stores a [Tq, N] matrix.
+// attention_scores and lookahead_attention on CPU (docs/ops.md §2-3): one fused computation whose
+// extra memory is bounded (kStoredLogitsBytes of logits, kPartialBudgetBytes of partial outputs, a
+// few hundred KiB per thread).
 //
 // Layout. The R = (Hq/Hkv)·Tq query rows of one KV head ("group") are packed together, transposed
 // and pre-scaled: Qt[d][r], rows in the vector lanes. A block of kKeyBlock keys is converted to
@@ -14,9 +15,13 @@
 // o_c = Σ e^{L-m_c}·v (a flash-decoding split: P·V reuses pass 1's probabilities, no recompute).
 // The chunks of a group are then combined in chunk order (deterministic):
 //     m = max m_c,  l = Σ l_c·e^{m_c-m},  out = Σ o_c·e^{m_c-m} / l.
-// Pass 2 (scores). Per (batch, group, chunk of [0, S)): recompute the logits, P = e^{L-m}/l, the
-// mean (or max) over the Tq rows of each head, the GQA reduce -> raw[j]. Recomputing the logits costs a
-// second Q·Kᵀ but keeps the extra memory O(R·(D + kKeyBlock)) per thread.
+// Pass 2 (scores). Per (batch, group, chunk of [0, S)): the logits again, P = e^{L-m}/l, the mean
+// (or max) over the Tq rows of each head, the GQA reduce -> raw[j]. Pass 1 stores the logits of the
+// scored keys and pass 2 reads them back instead of a second Q·Kᵀ. The groups go through passes 1-2
+// in waves whose stored logits fit kStoredLogitsBytes (S·R floats per group: 3 MiB for SmolLM2 at
+// 8K, 16 MiB for Llama-3.1-8B at 32K, 32 rows); a group larger than that recomputes its logits,
+// keeping the extra memory O(R·(D + kKeyBlock)) per thread. The values are the same either way
+// (one GEMM code path).
 // Pass 3. Pooling along j (after the GQA reduce).
 //
 // Both ops run exactly the same code for passes 1 (statistics) and 2, so lookahead_attention's
@@ -38,6 +43,11 @@ namespace {
 constexpr int64_t kKeyBlock = 16 * kTileRows;  // keys per block: 96, whole micro-tiles
 constexpr int64_t kMinChunkBlocks = 16;        // blocks per pass-1 work item (at least)
 constexpr int64_t kPartialBudgetBytes = int64_t(16) << 20;  // cap on lookahead_attention's partial outputs
+// Cap on pass 1's stored logits. Below glibc's largest dynamic mmap threshold (32 MiB): from the
+// second call on, the buffer comes from the heap instead of fresh pages, whose faults cost more
+// than the saved GEMM (Llama-8B shapes at 32K, 2 threads: one 128 MiB buffer 94 ms, recompute 82
+// ms, 24 MiB waves 62 ms).
+constexpr int64_t kStoredLogitsBytes = int64_t(24) << 20;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct Geometry {
@@ -49,7 +59,10 @@ struct Geometry {
   int64_t nblocks;       // key blocks over [0, N)
   int64_t chunk_blocks;  // blocks per work item
   int64_t nchunks;       // pass-1 chunks over [0, N)
+  int64_t score_blocks;  // key blocks over [0, S)
   int64_t score_chunks;  // pass-2 chunks over [0, S)
+  bool store_logits;     // pass 1 keeps the logits of the score blocks for pass 2
+  int64_t wave;          // groups per wave of passes 1-2
 };
 
 Geometry geometry(const AttentionArgs& a) {
@@ -66,8 +79,11 @@ Geometry geometry(const AttentionArgs& a) {
   const int64_t max_chunks = std::max<int64_t>(1, kPartialBudgetBytes / chunk_bytes);
   g.chunk_blocks = std::max(kMinChunkBlocks, (g.nblocks + max_chunks - 1) / max_chunks);
   g.nchunks = (g.nblocks + g.chunk_blocks - 1) / g.chunk_blocks;
-  const int64_t score_blocks = (a.S + kKeyBlock - 1) / kKeyBlock;
-  g.score_chunks = (score_blocks + g.chunk_blocks - 1) / g.chunk_blocks;
+  g.score_blocks = (a.S + kKeyBlock - 1) / kKeyBlock;
+  g.score_chunks = (g.score_blocks + g.chunk_blocks - 1) / g.chunk_blocks;
+  const int64_t group_logits_bytes = g.score_blocks * kKeyBlock * g.Rp * int64_t(sizeof(float));
+  g.store_logits = group_logits_bytes <= kStoredLogitsBytes;
+  g.wave = g.store_logits ? std::min(g.BG, kStoredLogitsBytes / group_logits_bytes) : g.BG;
   return g;
 }
 
@@ -159,10 +175,14 @@ void block_logits(const T* kbase, int64_t k_n, int64_t j0, const AttentionArgs& 
   gemm_lanes<false>(kKeyBlock, g.Rp, a.D, s.kf, a.D, 1, qt, g.Rp, s.lt, g.Rp, nullptr);
 }
 
-// Pass 1 work item: chunk c of group bg -> m_c, l_c [Rp] and (when o_c) o_c [Dv][Rp].
+// The stored logits of block blk of a group, in the group's [score_blocks][kKeyBlock][Rp].
+inline float* stored_block(float* logits, const Geometry& g, int64_t blk) { return logits + blk * kKeyBlock * g.Rp; }
+
+// Pass 1 work item: chunk c of group bg -> m_c, l_c [Rp], (when o_c) o_c [Dv][Rp] and (when logits,
+// the group's store) the unmasked logits of its score blocks.
 template <class T>
 void stats_chunk(const AttentionArgs& a, const Geometry& g, const float* qt, const int32_t* lane_query, int64_t bg,
-                 int64_t c, Scratch& s, float* m_c, float* l_c, float* o_c) {
+                 int64_t c, Scratch& s, float* m_c, float* l_c, float* o_c, float* logits) {
   const int64_t b = bg / a.Hkv, h = bg % a.Hkv;
   const T* kbase = static_cast<const T*>(a.k) + b * a.k_b + h * a.k_h;
   const T* vbase = o_c ? static_cast<const T*>(a.v) + b * a.v_b + h * a.v_h : nullptr;
@@ -173,6 +193,7 @@ void stats_chunk(const AttentionArgs& a, const Geometry& g, const float* qt, con
   for (int64_t blk = c * g.chunk_blocks; blk < blk_end; ++blk) {
     const int64_t j0 = blk * kKeyBlock;
     block_logits(kbase, a.k_n, j0, a, g, qt, s);
+    if (logits && blk < g.score_blocks) std::copy_n(s.lt, kKeyBlock * g.Rp, stored_block(logits, g, blk));
     mask_block(s.lt, g.Rp, j0, lane_query, a.N, a.Tq, kNegInf);
     softmax_block(s.lt, g.Rp, m_c, l_c, s.alpha, s.shift);
     if (o_c) {
@@ -273,23 +294,26 @@ inline float lane_max(const float* x, int64_t n) {
 // Pass 2 work item: raw scores of the keys of chunk c (within [0, S)) of group bg.
 template <class T>
 void score_chunk(const AttentionArgs& a, const Geometry& g, const float* qt, const int32_t* lane_query, int64_t bg,
-                 int64_t c, Scratch& s, const float* shift, const float* inv_l, float* raw) {
+                 int64_t c, Scratch& s, const float* shift, const float* inv_l, float* logits, float* raw) {
   const int64_t b = bg / a.Hkv, h = bg % a.Hkv;
   const T* kbase = static_cast<const T*>(a.k) + b * a.k_b + h * a.k_h;
-  const int64_t score_blocks = (a.S + kKeyBlock - 1) / kKeyBlock;
-  const int64_t blk_end = std::min(score_blocks, (c + 1) * g.chunk_blocks);
+  const int64_t blk_end = std::min(g.score_blocks, (c + 1) * g.chunk_blocks);
   const float inv_heads = 1.0f / float(g.G);
   for (int64_t blk = c * g.chunk_blocks; blk < blk_end; ++blk) {
     const int64_t j0 = blk * kKeyBlock;
     const int64_t nscored = std::min(kKeyBlock, a.S - j0);
-    block_logits(kbase, a.k_n, j0, a, g, qt, s);
+    float* lt = s.lt;
+    if (logits)
+      lt = stored_block(logits, g, blk);  // probabilities overwrite them: each block is read once
+    else
+      block_logits(kbase, a.k_n, j0, a, g, qt, s);
     for (int64_t j = 0; j < nscored; ++j) {
-      float* row = s.lt + j * g.Rp;
+      float* row = lt + j * g.Rp;
       for (int64_t r = 0; r < g.Rp; ++r) row[r] = exp_nonpositive(row[r] - shift[r]) * inv_l[r];
     }
-    mask_block(s.lt, g.Rp, j0, lane_query, a.N, a.Tq, 0.0f);
+    mask_block(lt, g.Rp, j0, lane_query, a.N, a.Tq, 0.0f);
     for (int64_t j = 0; j < nscored; ++j) {
-      const float* row = s.lt + j * g.Rp;
+      const float* row = lt + j * g.Rp;
       float reduced = 0.0f;
       for (int64_t hg = 0; hg < g.G; ++hg) {
         const float* head = row + hg * a.Tq;
@@ -327,6 +351,8 @@ void run(const AttentionArgs& a) {
   FloatBuffer shift = alloc_floats(g.BG * g.Rp);
   FloatBuffer inv_l = alloc_floats(g.BG * g.Rp);
   FloatBuffer raw = pooled ? alloc_floats(g.BG * a.S) : nullptr;
+  const int64_t group_logits = g.score_blocks * kKeyBlock * g.Rp;
+  FloatBuffer logits = g.store_logits ? alloc_floats(g.wave * group_logits) : nullptr;
   float* raw_scores = pooled ? raw.get() : a.scores;
   const int64_t scratch_floats = round_up(Scratch::floats(a, g), 16);
   FloatBuffer scratch = alloc_floats(scratch_floats * threads);
@@ -349,24 +375,31 @@ void run(const AttentionArgs& a) {
       }
     }
 
+    // Every thread runs every wave; the work-shared loops end in barriers.
+    for (int64_t bg0 = 0; bg0 < g.BG; bg0 += g.wave) {
+      const int64_t groups = std::min(g.wave, g.BG - bg0);
+      const auto group_store = [&](int64_t bg) { return g.store_logits ? logits.get() + (bg - bg0) * group_logits : nullptr; };
+
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < g.BG * g.nchunks; ++item) {
-      const int64_t bg = item / g.nchunks, c = item % g.nchunks;
-      stats_chunk<T>(a, g, qt.get() + bg * a.D * g.Rp, lane_query.get(), bg, c, s, part_m.get() + item * g.Rp,
-                     part_l.get() + item * g.Rp, with_out ? part_o.get() + item * g.Dv * g.Rp : nullptr);
-    }
+      for (int64_t item = bg0 * g.nchunks; item < (bg0 + groups) * g.nchunks; ++item) {
+        const int64_t bg = item / g.nchunks, c = item % g.nchunks;
+        stats_chunk<T>(a, g, qt.get() + bg * a.D * g.Rp, lane_query.get(), bg, c, s, part_m.get() + item * g.Rp,
+                       part_l.get() + item * g.Rp, with_out ? part_o.get() + item * g.Dv * g.Rp : nullptr,
+                       group_store(bg));
+      }
 
 #pragma omp for schedule(static)
-    for (int64_t bg = 0; bg < g.BG; ++bg)
-      combine_group<T>(a, g, bg, part_m.get() + bg * g.nchunks * g.Rp, part_l.get() + bg * g.nchunks * g.Rp,
-                       with_out ? part_o.get() + bg * g.nchunks * g.Dv * g.Rp : nullptr, shift.get() + bg * g.Rp,
-                       inv_l.get() + bg * g.Rp);
+      for (int64_t bg = bg0; bg < bg0 + groups; ++bg)
+        combine_group<T>(a, g, bg, part_m.get() + bg * g.nchunks * g.Rp, part_l.get() + bg * g.nchunks * g.Rp,
+                         with_out ? part_o.get() + bg * g.nchunks * g.Dv * g.Rp : nullptr, shift.get() + bg * g.Rp,
+                         inv_l.get() + bg * g.Rp);
 
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < g.BG * g.score_chunks; ++item) {
-      const int64_t bg = item / g.score_chunks, c = item % g.score_chunks;
-      score_chunk<T>(a, g, qt.get() + bg * a.D * g.Rp, lane_query.get(), bg, c, s, shift.get() + bg * g.Rp,
-                     inv_l.get() + bg * g.Rp, raw_scores + bg * a.S);
+      for (int64_t item = bg0 * g.score_chunks; item < (bg0 + groups) * g.score_chunks; ++item) {
+        const int64_t bg = item / g.score_chunks, c = item % g.score_chunks;
+        score_chunk<T>(a, g, qt.get() + bg * a.D * g.Rp, lane_query.get(), bg, c, s, shift.get() + bg * g.Rp,
+                       inv_l.get() + bg * g.Rp, group_store(bg), raw_scores + bg * a.S);
+      }
     }
 
     if (pooled) {
