@@ -79,7 +79,9 @@ def composite_qproj(x, weight, lora_a, lora_b, lora_scale, cos, sin, num_heads):
 def _set_malloc_mode(measuring_memory):
     """glibc serves allocations below its mmap threshold from a heap it keeps after frees, which
     hides a call's temporaries from the resident set. While measuring memory the threshold is
-    64 KiB (every large temporary is mapped and unmapped, so it shows in the RSS peak); while
+    64 KiB and the heap is trimmed first (every large temporary is mapped and unmapped, so it shows
+    in the RSS peak; before the trim, free heap left by the timing runs served native kernels'
+    buffers without a trace); while
     timing, the thresholds are glibc's own upper bounds (mmap 32 MiB, trim 64 MiB), close to
     what its dynamic tuning settles on in a long-running process."""
     try:
@@ -88,6 +90,8 @@ def _set_malloc_mode(measuring_memory):
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, (64 << 10) if measuring_memory else (32 << 20))  # M_MMAP_THRESHOLD
         libc.mallopt(-1, (128 << 10) if measuring_memory else (64 << 20))  # M_TRIM_THRESHOLD
+        if measuring_memory:
+            libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
