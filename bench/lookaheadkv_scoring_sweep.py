@@ -71,6 +71,14 @@ VARIANTS.update({  # the lookahead rows' scores plus SnapKV's window votes (Look
     )
     for weight in (0.5, 1.0)
 })
+VARIANTS = {name: dict(options, pool_shift=0) for name, options in VARIANTS.items()}  # all above: unshifted
+VARIANTS.update({  # the pooled scores moved `shift` keys later (LookaheadKV's pool_shift; 4 is the default since session 8)
+    f"avg-pool {kernel} + depth ramp 0.5 + query max + window votes 1.0 + shift {shift}": dict(
+        pool_kernel=kernel, pool_type="avg", depth_ramp=0.5, query_reduce="max", window_votes=1.0, window=32,
+        pool_shift=shift,
+    )
+    for kernel, shift in ((17, 2), (17, 4), (17, 6), (13, 4))
+})
 REFERENCES = {"SnapKV (paper config)": SnapKV, "Oracle": Oracle}
 
 

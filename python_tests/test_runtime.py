@@ -34,7 +34,7 @@ from lookaheadkv_kernels.runtime import (  # noqa: E402
 )
 from lookaheadkv_kernels.runtime.lookahead import ScoreOptions, target_linear  # noqa: E402
 from lookaheadkv_kernels.runtime.models import layer_parts  # noqa: E402
-from lookaheadkv_kernels.runtime.policies import Run  # noqa: E402
+from lookaheadkv_kernels.runtime.policies import LOOKAHEAD_POOL_SHIFT, Run  # noqa: E402
 from lookaheadkv_kernels.runtime.tap import tap_layers  # noqa: E402
 from runtime_testing import trained_looking  # noqa: E402
 
@@ -283,7 +283,10 @@ def collect_scores(model, ids, policy):
 
 @pytest.mark.parametrize(
     "snapkv",
-    [SnapKV(), SnapKV.kvpress(), SnapKV(window=16, gqa_reduce="max", pool_kernel=1), SnapKV(window=16, query_reduce="max")],
+    [
+        SnapKV(), SnapKV.kvpress(), SnapKV(window=16, gqa_reduce="max", pool_kernel=1), SnapKV(window=16, query_reduce="max"),
+        SnapKV(window=16, pool_kernel=5, pool_type="avg", pool_shift=2),
+    ],
 )
 def test_snapkv_scores_equal_eager_attention(family, snapkv):
     model = tiny_model(family, "eager")
@@ -297,11 +300,12 @@ def test_snapkv_scores_equal_eager_attention(family, snapkv):
         raw = window_votes.mean(dim=2) if snapkv.options.query_reduce == "mean" else window_votes.amax(dim=2)
         raw = raw.view(1, -1, groups, N - w)
         raw = raw.mean(dim=2) if snapkv.options.gqa_reduce == "mean" else raw.amax(dim=2)
-        k = snapkv.options.pool_kernel
+        k, shift = snapkv.options.pool_kernel, snapkv.options.pool_shift
         if snapkv.options.pool_type == "max":
             expected = F.max_pool1d(raw, k, stride=1, padding=k // 2)
-        else:
-            expected = F.avg_pool1d(raw, k, stride=1, padding=k // 2, count_include_pad=True)
+        else:  # the window [j - k/2 - shift, j + k/2 - shift], zero-padded (count_include_pad)
+            expected = F.avg_pool1d(F.pad(raw, (k // 2 + shift, k // 2 - shift)), k, stride=1)
+            expected[..., :shift] = expected[..., shift : shift + 1]  # keys before the shift take key 0's window
         torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-6)
 
 
@@ -310,9 +314,9 @@ def test_lookaheadkv_window_votes_add_snapkv_shares(family, weight, window, rece
     model = tiny_model(family, "eager")
     ids = prompt_ids(80)
     module = trained_looking(model)
-    alone = collect_scores(model, ids, LookaheadKV(module, recent=recent, window_votes=0))
-    votes = collect_scores(model, ids, SnapKV(window=window, pool_kernel=17, pool_type="avg", query_reduce="max"))
-    mixed = collect_scores(model, ids, LookaheadKV(module, recent=recent, window_votes=weight, window=window))
+    alone = collect_scores(model, ids, LookaheadKV(module, recent=recent, window_votes=0, pool_shift=3))
+    votes = collect_scores(model, ids, SnapKV(window=window, pool_kernel=17, pool_type="avg", query_reduce="max", pool_shift=3))
+    mixed = collect_scores(model, ids, LookaheadKV(module, recent=recent, window_votes=weight, window=window, pool_shift=3))
     assert LookaheadKV(module).window_votes == 1.0 and LookaheadKV(module).window == 32  # the defaults
     for a, v, m in zip(alone, votes, mixed):
         both = min(a.shape[-1], v.shape[-1])
@@ -320,6 +324,32 @@ def test_lookaheadkv_window_votes_add_snapkv_shares(family, weight, window, rece
         expected[..., :both] += weight * (v / v[..., 4:].sum(-1, keepdim=True)).double()[..., :both]
         assert m.shape == a.shape and m.dtype == torch.float32
         torch.testing.assert_close(m.double(), expected, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("shift", [0, 4, 11])
+def test_lookaheadkv_pool_shift_moves_the_pooling_window(family, shift):
+    """avg-pool 17 moved `shift` keys later equals an independent pooling of the raw scores over
+    [j - 8 - shift, j + 8 - shift]; the first `shift` keys take key 0's window."""
+    model = tiny_model(family, "eager")
+    ids = prompt_ids(80)
+    module = trained_looking(model)
+    raw = collect_scores(model, ids, LookaheadKV(module, pool_kernel=1, window_votes=0, pool_shift=0))
+    shifted = collect_scores(model, ids, LookaheadKV(module, window_votes=0, pool_shift=shift))
+    assert LookaheadKV(module).options.pool_shift == LOOKAHEAD_POOL_SHIFT == 4  # the default
+    for r, got in zip(raw, shifted):
+        padded = F.pad(r.double(), (8 + shift, max(0, 8 - shift)))
+        expected = F.avg_pool1d(padded, 17, stride=1)[..., : r.shape[-1]]
+        expected[..., :shift] = expected[..., shift : shift + 1]
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-9)
+
+
+def test_pool_shift_is_checked():
+    module = trained_looking(tiny_model("llama"))
+    for bad in (-1, 1.5, "2"):
+        with pytest.raises((ValueError, TypeError), match="pool_shift"):
+            LookaheadKV(module, pool_shift=bad)
+        with pytest.raises((ValueError, TypeError), match="pool_shift"):
+            SnapKV(pool_shift=bad)
 
 
 def test_window_votes_options_are_checked():

@@ -15,22 +15,25 @@ from pathlib import Path
 from ..argtypes import parse_names
 from ..runtime.lookahead import LookaheadModule, shipped_module_dir
 from ..runtime.policies import (
-    LOOKAHEAD_DEPTH_RAMP, LOOKAHEAD_POOL_KERNEL, LOOKAHEAD_POOL_TYPE, LOOKAHEAD_QUERY_REDUCE, LookaheadKV, SnapKV,
-    depth_ramp_budgets, make_policy,
+    LOOKAHEAD_DEPTH_RAMP, LOOKAHEAD_POOL_KERNEL, LOOKAHEAD_POOL_SHIFT, LOOKAHEAD_POOL_TYPE, LOOKAHEAD_QUERY_REDUCE,
+    LookaheadKV, SnapKV, depth_ramp_budgets, make_policy,
 )
 from .kvpress_peers import PRESSES
 
 
 class SnapKVWithLookaheadConfig(SnapKV):
-    """SnapKV (window 32) with LookaheadKV's default pooling, reduce over the queries and per-layer
-    budgets: everything but the lookahead rows. Since LookaheadKV adds these very window votes to its
+    """SnapKV (window 32) with LookaheadKV's default pooling (and its shift), reduce over the queries
+    and per-layer budgets: everything but the lookahead rows. Since LookaheadKV adds these very window votes to its
     rows' scores (`window_votes`), this is LookaheadKV without the rows — except that SnapKV keeps
     its window, which LookaheadKV does not."""
 
     name = "snapkv-lkvconfig"
 
     def __init__(self):
-        super().__init__(pool_kernel=LOOKAHEAD_POOL_KERNEL, pool_type=LOOKAHEAD_POOL_TYPE, query_reduce=LOOKAHEAD_QUERY_REDUCE)
+        super().__init__(
+            pool_kernel=LOOKAHEAD_POOL_KERNEL, pool_type=LOOKAHEAD_POOL_TYPE, query_reduce=LOOKAHEAD_QUERY_REDUCE,
+            pool_shift=LOOKAHEAD_POOL_SHIFT,
+        )
 
     def layer_budgets(self, budget, num_prompt, num_layers):
         floor = self.num_sink + self.unscored_tail(num_prompt) + 1  # the sinks, the kept window, one scored key

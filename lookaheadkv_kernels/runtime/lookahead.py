@@ -211,12 +211,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 @dataclass(frozen=True)
 class ScoreOptions:
-    """How attention becomes per-key scores (the attention_scores arguments a policy chooses)."""
+    """How attention becomes per-key scores: the attention_scores arguments a policy chooses, and
+    `pool_shift`, applied to their result (`shift_scores`)."""
 
     gqa_reduce: str = "mean"
     pool_kernel: int = 1
     pool_type: str = "max"
     query_reduce: str = "mean"
+    pool_shift: int = 0
+
+
+def shift_scores(scores: torch.Tensor, shift: int) -> torch.Tensor:
+    """scores[..., j] <- scores[..., max(j - shift, 0)]: each key takes the (pooled) score of the key
+    `shift` positions before it, so a pooling window [j - k/2, j + k/2] becomes [j - k/2 - shift,
+    j + k/2 - shift] and the kept spans reach `shift` tokens further past the keys the queries attend
+    to (the first `shift` keys take key 0's score)."""
+    if shift == 0:
+        return scores
+    source = (torch.arange(scores.shape[-1], device=scores.device) - shift).clamp_min(0)
+    return scores.index_select(-1, source)
 
 
 def lookahead_layer(
@@ -256,6 +269,7 @@ def lookahead_layer(
         gqa_reduce=options.gqa_reduce, pool_kernel=options.pool_kernel, pool_type=options.pool_type,
         query_reduce=options.query_reduce,
     )
+    scores = shift_scores(scores, options.pool_shift)
     attended = out.transpose(1, 2).reshape(batch, rows, -1)
     hidden = hidden + lora_linear(attended, attn.o_proj, *module.lora_pair(layer_idx, "o"), scale)
 

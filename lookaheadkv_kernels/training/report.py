@@ -32,8 +32,8 @@ from ..runtime.lookahead import LookaheadModule
 from ..argtypes import positive_int, torch_device
 from ..runtime.models import cache_dir, config_hash, layer_parts, load_model
 from ..runtime.policies import (
-    DEFAULT_NUM_SINK, LAQ, LOOKAHEAD_DEPTH_RAMP, LOOKAHEAD_POOL_KERNEL, LOOKAHEAD_POOL_TYPE, LOOKAHEAD_QUERY_REDUCE, LookaheadKV,
-    PyramidKV, Run, SnapKV, StreamingLLM,
+    DEFAULT_NUM_SINK, LAQ, LOOKAHEAD_DEPTH_RAMP, LOOKAHEAD_POOL_KERNEL, LOOKAHEAD_POOL_SHIFT, LOOKAHEAD_POOL_TYPE,
+    LOOKAHEAD_QUERY_REDUCE, LookaheadKV, PyramidKV, Run, SnapKV, StreamingLLM,
 )
 from ..runtime.tap import LayerInputs, tap_layers
 from .data import make_samples
@@ -124,10 +124,10 @@ def module_part(model, record, modules: dict, budgets, kv_path: Path, row: dict)
     layers = kv_only_inputs(model, saved["keys"], saved["values"])
     oracle = record.importance.to(device)
     for name, module in modules.items():
-        # Recall: the policy as users get it (its default pooling and max over the queries), less the
-        # window votes (the report measures the module; this scores saved K/V without hidden rows). KL: the
-        # loss training fits by default (trainer.distributions with TrainConfig(), which pools), from
-        # the unpooled mean over the queries.
+        # Recall: the policy as users get it (its default pooling, shift and max over the queries), less
+        # the window votes (the report measures the module; this scores saved K/V without hidden rows).
+        # KL: the loss training fits by default (trainer.distributions with TrainConfig(), which pools),
+        # from the unpooled, unshifted mean over the queries.
         # Scores do not depend on the budget: score once, compact per budget.
         policy = LookaheadKV(module, window_votes=0)  # the module alone (the window's votes are SnapKV's)
         scores = policy_scores(model, layers, None, policy, [n] * len(layers), n)
@@ -135,7 +135,7 @@ def module_part(model, record, modules: dict, budgets, kv_path: Path, row: dict)
             b: mean_recall(compact_all(layers, scores, policy.layer_budgets(b, n, len(layers)), policy.num_sink, n), oracle, b)
             for b in budgets
         }
-        unpooled = policy_scores(model, layers, None, LookaheadKV(module, pool_kernel=1, query_reduce="mean", window_votes=0), [n] * len(layers), n)
+        unpooled = policy_scores(model, layers, None, LookaheadKV(module, pool_kernel=1, query_reduce="mean", window_votes=0, pool_shift=0), [n] * len(layers), n)
         target, predicted = distributions(oracle, torch.stack([s[0] for s in unpooled]), TrainConfig())
         row["kl"][name] = float(kl_divergence(target, predicted).mean())
 
@@ -192,7 +192,8 @@ def markdown(recall, kl, rows, budgets, settings: dict) -> str:
         "oracle's top-B keys among the keys the policy keeps at budget B (its sinks and windows included), "
         f"mean over KV heads, layers and prompts. All policies protect {DEFAULT_NUM_SINK} sink tokens and use their "
         f"defaults (LookaheadKV: {LOOKAHEAD_POOL_TYPE}-pool {LOOKAHEAD_POOL_KERNEL}, {LOOKAHEAD_QUERY_REDUCE} over its queries, "
-        f"depth ramp {LOOKAHEAD_DEPTH_RAMP}; the module alone, without the policy's window votes, which are SnapKV's).",
+        f"scores moved {LOOKAHEAD_POOL_SHIFT} keys later, depth ramp {LOOKAHEAD_DEPTH_RAMP}; the module alone, without the "
+        "policy's window votes, which are SnapKV's).",
         "",
         "| policy | " + " | ".join(f"recall@{b}" for b in budgets) + " |",
         "|---|" + "---|" * len(budgets),
