@@ -408,9 +408,9 @@ class LookaheadKV(Policy):
     model reads next when it copies a span (with a centred window its answers ran numbers on,
     e.g. `21236299` for `2123629`). Not in the paper (0 gives centred pooling). On the same
     held-apart prompts it kept the full-cache answer likelier at every budget (over 1K-4K -14% NLL
-    at 64, -2% at 128, -3% at 256; shifts of 2 and 6 about as good), windows moved the other way
-    far worse (bench/results/lookaheadkv_scoring_sweep.md); on the suite it lifted LookaheadKV at
-    128 from 28.2 to 42.4 (bench/results/README_results.md).
+    at 64, -2% at 128, -3% at 256; at 8K -5% at 64 and 128; shifts of 2 and 6 about as good),
+    windows moved the other way far worse (bench/results/lookaheadkv_scoring_sweep.md); on the
+    suite it lifted LookaheadKV at 128 from 28.2 to 42.4 (bench/results/README_results.md).
     """
 
     name = "lookaheadkv"
