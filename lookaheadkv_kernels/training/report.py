@@ -26,10 +26,10 @@ from types import SimpleNamespace
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..argtypes import positive_int, torch_device
 from ..runtime.cache import CompactedCache, CompactedLayer, compact_layer
 from ..runtime.eviction import encode_prompt
 from ..runtime.lookahead import LookaheadModule
-from ..argtypes import positive_int, torch_device
 from ..runtime.models import cache_dir, config_hash, layer_parts, load_model
 from ..runtime.policies import (
     DEFAULT_NUM_SINK, LAQ, LOOKAHEAD_DEPTH_RAMP, LOOKAHEAD_POOL_KERNEL, LOOKAHEAD_POOL_SHIFT, LOOKAHEAD_POOL_TYPE,
@@ -135,7 +135,8 @@ def module_part(model, record, modules: dict, budgets, kv_path: Path, row: dict)
             b: mean_recall(compact_all(layers, scores, policy.layer_budgets(b, n, len(layers)), policy.num_sink, n), oracle, b)
             for b in budgets
         }
-        unpooled = policy_scores(model, layers, None, LookaheadKV(module, pool_kernel=1, query_reduce="mean", window_votes=0, pool_shift=0), [n] * len(layers), n)
+        unpooled_policy = LookaheadKV(module, pool_kernel=1, query_reduce="mean", window_votes=0, pool_shift=0)
+        unpooled = policy_scores(model, layers, None, unpooled_policy, [n] * len(layers), n)
         target, predicted = distributions(oracle, torch.stack([s[0] for s in unpooled]), TrainConfig())
         row["kl"][name] = float(kl_divergence(target, predicted).mean())
 
