@@ -76,7 +76,10 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", str(ROOT), *args], cwd=build_temp, check=True)
         build = subprocess.run(
             ["cmake", "--build", ".", "--target", ext.target, "-j", jobs],
-            cwd=build_temp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=build_temp,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         # pip hides build output unless -v; keep it (ptxas register/spill report included) in a file.
         BUILD_LOG.parent.mkdir(exist_ok=True)

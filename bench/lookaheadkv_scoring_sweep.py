@@ -48,37 +48,62 @@ POOLINGS = {  # name: LookaheadKV scoring options (pool_kernel, pool_type, gqa_r
     "avg-pool 5 + recent 32": dict(pool_kernel=5, pool_type="avg", recent=32),
 }
 VARIANTS = {name: dict(options, depth_ramp=0, query_reduce="mean") for name, options in POOLINGS.items()}
-VARIANTS.update({  # per-layer budgets linear in depth (LookaheadKV's depth_ramp), with the default pooling
-    f"avg-pool 17 + depth ramp {ramp}": dict(pool_kernel=17, pool_type="avg", depth_ramp=ramp, query_reduce="mean")
-    for ramp in (-0.5, 0.25, 0.5, 0.75)
-})
-VARIANTS.update({  # other widths with the default ramp (measured at 8K, where the default width was not tuned)
-    f"avg-pool {kernel} + depth ramp 0.5": dict(pool_kernel=kernel, pool_type="avg", depth_ramp=0.5, query_reduce="mean")
-    for kernel in (9, 13, 25, 31)
-})
-VARIANTS.update({  # each key scored by the lookahead query that attends to it most, not by their mean
-    "avg-pool 17 + depth ramp 0.5 + query max": dict(pool_kernel=17, pool_type="avg", depth_ramp=0.5, query_reduce="max"),
-    "avg-pool 13 + depth ramp 0.5 + query max": dict(pool_kernel=13, pool_type="avg", depth_ramp=0.5, query_reduce="max"),
-    "avg-pool 17 + depth ramp 0.75 + query max": dict(pool_kernel=17, pool_type="avg", depth_ramp=0.75, query_reduce="max"),
-    "avg-pool 17 + depth ramp 0.5 + query max + GQA max": dict(
-        pool_kernel=17, pool_type="avg", depth_ramp=0.5, query_reduce="max", gqa_reduce="max"
-    ),
-})
-VARIANTS = {name: dict(options, window_votes=0) for name, options in VARIANTS.items()}  # all above: the lookahead rows alone
-VARIANTS.update({  # the lookahead rows' scores plus SnapKV's window votes (LookaheadKV's window_votes; the default since session 7)
-    f"avg-pool 17 + depth ramp 0.5 + query max + window votes {weight}": dict(
-        pool_kernel=17, pool_type="avg", depth_ramp=0.5, query_reduce="max", window_votes=weight, window=32
-    )
-    for weight in (0.5, 1.0)
-})
+VARIANTS.update(
+    {  # per-layer budgets linear in depth (LookaheadKV's depth_ramp), with the default pooling
+        f"avg-pool 17 + depth ramp {ramp}": dict(pool_kernel=17, pool_type="avg", depth_ramp=ramp, query_reduce="mean")
+        for ramp in (-0.5, 0.25, 0.5, 0.75)
+    }
+)
+VARIANTS.update(
+    {  # other widths with the default ramp (measured at 8K, where the default width was not tuned)
+        f"avg-pool {kernel} + depth ramp 0.5": dict(
+            pool_kernel=kernel, pool_type="avg", depth_ramp=0.5, query_reduce="mean"
+        )
+        for kernel in (9, 13, 25, 31)
+    }
+)
+VARIANTS.update(
+    {  # each key scored by the lookahead query that attends to it most, not by their mean
+        "avg-pool 17 + depth ramp 0.5 + query max": dict(
+            pool_kernel=17, pool_type="avg", depth_ramp=0.5, query_reduce="max"
+        ),
+        "avg-pool 13 + depth ramp 0.5 + query max": dict(
+            pool_kernel=13, pool_type="avg", depth_ramp=0.5, query_reduce="max"
+        ),
+        "avg-pool 17 + depth ramp 0.75 + query max": dict(
+            pool_kernel=17, pool_type="avg", depth_ramp=0.75, query_reduce="max"
+        ),
+        "avg-pool 17 + depth ramp 0.5 + query max + GQA max": dict(
+            pool_kernel=17, pool_type="avg", depth_ramp=0.5, query_reduce="max", gqa_reduce="max"
+        ),
+    }
+)
+VARIANTS = {
+    name: dict(options, window_votes=0) for name, options in VARIANTS.items()
+}  # all above: the lookahead rows alone
+VARIANTS.update(
+    {  # the lookahead rows' scores plus SnapKV's window votes (LookaheadKV's window_votes; the default since session 7)
+        f"avg-pool 17 + depth ramp 0.5 + query max + window votes {weight}": dict(
+            pool_kernel=17, pool_type="avg", depth_ramp=0.5, query_reduce="max", window_votes=weight, window=32
+        )
+        for weight in (0.5, 1.0)
+    }
+)
 VARIANTS = {name: dict(options, pool_shift=0) for name, options in VARIANTS.items()}  # all above: unshifted
-VARIANTS.update({  # the pooled scores moved `shift` keys later (LookaheadKV's pool_shift; 4 is the default since session 8)
-    f"avg-pool {kernel} + depth ramp 0.5 + query max + window votes 1.0 + shift {shift}": dict(
-        pool_kernel=kernel, pool_type="avg", depth_ramp=0.5, query_reduce="max", window_votes=1.0, window=32,
-        pool_shift=shift,
-    )
-    for kernel, shift in ((17, 2), (17, 4), (17, 6), (13, 4))
-})
+VARIANTS.update(
+    {  # the pooled scores moved `shift` keys later (LookaheadKV's pool_shift; 4 is the default since session 8)
+        f"avg-pool {kernel} + depth ramp 0.5 + query max + window votes 1.0 + shift {shift}": dict(
+            pool_kernel=kernel,
+            pool_type="avg",
+            depth_ramp=0.5,
+            query_reduce="max",
+            window_votes=1.0,
+            window=32,
+            pool_shift=shift,
+        )
+        for kernel, shift in ((17, 2), (17, 4), (17, 6), (13, 4))
+    }
+)
 REFERENCES = {"SnapKV (paper config)": SnapKV, "Oracle": Oracle}
 
 
@@ -114,7 +139,14 @@ def run(args) -> None:
                 continuation = decode(model, prefill, prefill.full_cache(), max(sample.max_new_tokens, 32))
                 answer = continuation[:, : max(2, min(sample.max_new_tokens, continuation.shape[1]))]
                 for name, budget in missing:
-                    replay = evict(model, prefill, policies[name], budget, max_new_tokens=sample.max_new_tokens, continuation=continuation)
+                    replay = evict(
+                        model,
+                        prefill,
+                        policies[name],
+                        budget,
+                        max_new_tokens=sample.max_new_tokens,
+                        continuation=continuation,
+                    )
                     record["nll"][f"{name}@{budget}"] = answer_nll(model, replay.cache, answer)
                 tmp = args.out.with_suffix(".tmp")
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in records.values()))
@@ -138,8 +170,13 @@ def report(args) -> str:
         f"disjoint from the reported suite's index 0); module `{args.module or 'shipped'}`.",
     ]
     for group, rows in groups.items():
-        lines += ["", f"### {group} ({len(rows)} prompts)", "", "| LookaheadKV scoring | " + " | ".join(f"budget {b}" for b in budgets) + " |",
-                  "|---|" + "---|" * len(budgets)]
+        lines += [
+            "",
+            f"### {group} ({len(rows)} prompts)",
+            "",
+            "| LookaheadKV scoring | " + " | ".join(f"budget {b}" for b in budgets) + " |",
+            "|---|" + "---|" * len(budgets),
+        ]
         for name in names:
             if any(f"{name}@{b}" not in r["nll"] for r in rows for b in budgets):
                 continue  # a variant not measured on every prompt of the group
@@ -155,8 +192,12 @@ def main() -> None:
     parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 2048, 4096])
     parser.add_argument("--indices", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
     parser.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=[64, 128, 256])
-    parser.add_argument("--variants", type=choice_list(VARIANTS, "variants"), default=list(VARIANTS),
-                        help=f"comma-separated LookaheadKV variants to measure (default: all of {list(VARIANTS)})")
+    parser.add_argument(
+        "--variants",
+        type=choice_list(VARIANTS, "variants"),
+        default=list(VARIANTS),
+        help=f"comma-separated LookaheadKV variants to measure (default: all of {list(VARIANTS)})",
+    )
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     warnings.simplefilter("ignore")

@@ -40,8 +40,10 @@ def main():
         ("SpecKV (self-draft, 32 tokens)", SpecKV()),
     ):
         rows.append((name, best_seconds(model, ids, policy, BUDGET)))
-    print(f"# Prefill + eviction time, SmolLM2-135M-Instruct fp32 on CPU ({torch.get_num_threads()} threads), "
-          f"{LENGTH}-token prompt, budget {BUDGET}, best of {REPEATS}\n")
+    print(
+        f"# Prefill + eviction time, SmolLM2-135M-Instruct fp32 on CPU ({torch.get_num_threads()} threads), "
+        f"{LENGTH}-token prompt, budget {BUDGET}, best of {REPEATS}\n"
+    )
     print("| policy | seconds | overhead vs full prefill |")
     print("|---|---|---|")
     for name, seconds in rows:

@@ -19,7 +19,11 @@ from lookaheadkv_kernels.runtime import KNorm, RandomPolicy, SnapKV, generate, l
 TASKS = ("niah_single", "fact_qa")
 LENGTH, SAMPLES, BUDGET = 1024, 3, 96
 SINKS = (0, 4, 16)
-POLICIES = {"snapkv": lambda s: SnapKV(num_sink=s), "knorm": lambda s: KNorm(num_sink=s), "random": lambda s: RandomPolicy(num_sink=s)}
+POLICIES = {
+    "snapkv": lambda s: SnapKV(num_sink=s),
+    "knorm": lambda s: KNorm(num_sink=s),
+    "random": lambda s: RandomPolicy(num_sink=s),
+}
 
 
 def agreement(a, b):
@@ -45,13 +49,17 @@ def main():
         full_score += score(full.text, sample.answers)
         for name, make in POLICIES.items():
             for sinks in SINKS:
-                result = generate(model, tokenizer, ids, policy=make(sinks), budget=BUDGET, max_new_tokens=sample.max_new_tokens)
+                result = generate(
+                    model, tokenizer, ids, policy=make(sinks), budget=BUDGET, max_new_tokens=sample.max_new_tokens
+                )
                 totals[name, sinks][0] += score(result.text, sample.answers)
                 totals[name, sinks][1] += agreement(result.token_ids, full.token_ids)
         print(f"{sample.uid}: {time.time() - start:.0f} s", file=sys.stderr)
     n = len(samples)
-    print(f"# num_sink sweep: SmolLM2-135M-Instruct, tasks {', '.join(TASKS)} at {LENGTH} tokens, "
-          f"{SAMPLES} samples each, budget {BUDGET}\n")
+    print(
+        f"# num_sink sweep: SmolLM2-135M-Instruct, tasks {', '.join(TASKS)} at {LENGTH} tokens, "
+        f"{SAMPLES} samples each, budget {BUDGET}\n"
+    )
     print(f"Full cache: mean score {full_score / n:.2f}\n")
     print("| policy | num_sink | mean score | mean tokens agreeing with the full-cache answer |")
     print("|---|---|---|---|")

@@ -51,18 +51,30 @@ void lookahead_qproj(int dtype, uintptr_t x, int64_t x_row_stride, uintptr_t wei
 
 void attention(int dtype, uintptr_t q, int64_t q_sb, int64_t q_sh, int64_t q_st, uintptr_t k, int64_t k_sb,
                int64_t k_sh, int64_t k_sn, uintptr_t v, int64_t v_sb, int64_t v_sh, int64_t v_sn, int64_t B, int64_t Hq,
-               int64_t Hkv, int64_t Tq, int64_t N, int64_t D, int64_t S, double scale, bool gqa_max,
-               bool query_max, int64_t pool_kernel, bool pool_avg, uintptr_t out, uintptr_t scores, uintptr_t workspace,
-               int num_sms, uintptr_t stream) {
+               int64_t Hkv, int64_t Tq, int64_t N, int64_t D, int64_t S, double scale, bool gqa_max, bool query_max,
+               int64_t pool_kernel, bool pool_avg, uintptr_t out, uintptr_t scores, uintptr_t workspace, int num_sms,
+               uintptr_t stream) {
   cuda::AttentionArgs a;
   a.dtype = to_dtype(dtype);
   a.q = as_ptr<const void>(q);
-  a.q_sb = q_sb; a.q_sh = q_sh; a.q_st = q_st;
+  a.q_sb = q_sb;
+  a.q_sh = q_sh;
+  a.q_st = q_st;
   a.k = as_ptr<const void>(k);
-  a.k_sb = k_sb; a.k_sh = k_sh; a.k_sn = k_sn;
+  a.k_sb = k_sb;
+  a.k_sh = k_sh;
+  a.k_sn = k_sn;
   a.v = as_ptr<const void>(v);
-  a.v_sb = v_sb; a.v_sh = v_sh; a.v_sn = v_sn;
-  a.B = B; a.Hq = Hq; a.Hkv = Hkv; a.Tq = Tq; a.N = N; a.D = D; a.S = S;
+  a.v_sb = v_sb;
+  a.v_sh = v_sh;
+  a.v_sn = v_sn;
+  a.B = B;
+  a.Hq = Hq;
+  a.Hkv = Hkv;
+  a.Tq = Tq;
+  a.N = N;
+  a.D = D;
+  a.S = S;
   a.scale = static_cast<float>(scale);
   a.gqa_max = gqa_max;
   a.query_max = query_max;
@@ -73,20 +85,31 @@ void attention(int dtype, uintptr_t q, int64_t q_sb, int64_t q_sh, int64_t q_st,
   cuda::attention(a, as_ptr<void>(workspace), num_sms, as_stream(stream));
 }
 
-void select_compact(uintptr_t scores, int64_t s_sb, int64_t s_sh, int64_t s_ss, uintptr_t k, int64_t k_sb,
-                    int64_t k_sh, int64_t k_sn, uintptr_t v, int64_t v_sb, int64_t v_sh, int64_t v_sn,
-                    int64_t elem_size, int64_t B, int64_t Hkv, int64_t N, int64_t D, int64_t S, int64_t budget,
-                    int64_t num_sink, uintptr_t k_out, uintptr_t v_out, uintptr_t kept, uintptr_t workspace,
-                    uintptr_t stream) {
+void select_compact(uintptr_t scores, int64_t s_sb, int64_t s_sh, int64_t s_ss, uintptr_t k, int64_t k_sb, int64_t k_sh,
+                    int64_t k_sn, uintptr_t v, int64_t v_sb, int64_t v_sh, int64_t v_sn, int64_t elem_size, int64_t B,
+                    int64_t Hkv, int64_t N, int64_t D, int64_t S, int64_t budget, int64_t num_sink, uintptr_t k_out,
+                    uintptr_t v_out, uintptr_t kept, uintptr_t workspace, uintptr_t stream) {
   cuda::SelectArgs a;
   a.scores = as_ptr<const float>(scores);
-  a.s_sb = s_sb; a.s_sh = s_sh; a.s_ss = s_ss;
+  a.s_sb = s_sb;
+  a.s_sh = s_sh;
+  a.s_ss = s_ss;
   a.k = as_ptr<const void>(k);
-  a.k_sb = k_sb; a.k_sh = k_sh; a.k_sn = k_sn;
+  a.k_sb = k_sb;
+  a.k_sh = k_sh;
+  a.k_sn = k_sn;
   a.v = as_ptr<const void>(v);
-  a.v_sb = v_sb; a.v_sh = v_sh; a.v_sn = v_sn;
+  a.v_sb = v_sb;
+  a.v_sh = v_sh;
+  a.v_sn = v_sn;
   a.elem_size = elem_size;
-  a.B = B; a.Hkv = Hkv; a.N = N; a.D = D; a.S = S; a.budget = budget; a.num_sink = num_sink;
+  a.B = B;
+  a.Hkv = Hkv;
+  a.N = N;
+  a.D = D;
+  a.S = S;
+  a.budget = budget;
+  a.num_sink = num_sink;
   a.k_out = as_ptr<void>(k_out);
   a.v_out = as_ptr<void>(v_out);
   a.kept = as_ptr<int64_t>(kept);
@@ -103,11 +126,13 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def(
       "attention_workspace_bytes",
       [](int dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t Tq, int64_t N, int64_t D, int64_t S, bool with_out,
-         int num_sms) { return cuda::attention_workspace_bytes(to_dtype(dtype), B, Hq, Hkv, Tq, N, D, S, with_out, num_sms); },
+         int num_sms) {
+        return cuda::attention_workspace_bytes(to_dtype(dtype), B, Hq, Hkv, Tq, N, D, S, with_out, num_sms);
+      },
       py::arg("dtype"), py::arg("B"), py::arg("Hq"), py::arg("Hkv"), py::arg("Tq"), py::arg("N"), py::arg("D"),
       py::arg("S"), py::arg("with_out"), py::arg("num_sms"));
   m.def("attention", &attention);
-  m.def("select_workspace_bytes", &cuda::select_workspace_bytes, py::arg("B"), py::arg("Hkv"), py::arg("N"), py::arg("S"),
-        py::arg("budget"), py::arg("num_sink"));
+  m.def("select_workspace_bytes", &cuda::select_workspace_bytes, py::arg("B"), py::arg("Hkv"), py::arg("N"),
+        py::arg("S"), py::arg("budget"), py::arg("num_sink"));
   m.def("select_compact", &select_compact);
 }

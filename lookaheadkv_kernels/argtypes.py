@@ -8,8 +8,9 @@ traceback minutes into a run. A leaf module: it imports nothing from the package
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import torch
 

@@ -40,6 +40,7 @@ POOL_KERNEL = 7
 
 # ---- the eager composites (what a user writes without this package) ---------------------------
 
+
 def composite_attention(q, k, v, num_scored, pool_kernel):
     """kvpress/SnapKV-style eager scoring: grouped matmul, causal mask, fp32 softmax, mean, pool."""
     B, Hq, Tq, D = q.shape
@@ -59,8 +60,14 @@ def composite_select(scores, k, v, budget, num_sink):
     B, H, S = scores.shape
     N = k.shape[2]
     top = scores[..., num_sink:].topk(budget - num_sink - (N - S), dim=-1).indices + num_sink
-    keep = torch.cat((torch.arange(num_sink, device=k.device).expand(B, H, -1), top,
-                      torch.arange(S, N, device=k.device).expand(B, H, -1)), dim=-1)
+    keep = torch.cat(
+        (
+            torch.arange(num_sink, device=k.device).expand(B, H, -1),
+            top,
+            torch.arange(S, N, device=k.device).expand(B, H, -1),
+        ),
+        dim=-1,
+    )
     keep = keep.sort(dim=-1).values
     index = keep[..., None].expand(-1, -1, -1, k.shape[-1])
     return k.gather(2, index), v.gather(2, index), keep
@@ -75,6 +82,7 @@ def composite_qproj(x, weight, lora_a, lora_b, lora_scale, cos, sin, num_heads):
 
 
 # ---- measurement -------------------------------------------------------------------------------
+
 
 def _set_malloc_mode(measuring_memory):
     """glibc serves allocations below its mmap threshold from a heap it keeps after frees, which
@@ -177,6 +185,7 @@ class Ceilings:
 
 # ---- cases -------------------------------------------------------------------------------------
 
+
 @dataclass
 class Case:
     op: str
@@ -208,12 +217,24 @@ def build_cases(args, device, backends):
                 lb = (torch.randn(Hq * D, 8, generator=gen) * 0.1).to(device)
                 cos, sin = torch.randn(NUM_QUERIES, D).to(device), torch.randn(NUM_QUERIES, D).to(device)
                 runners = {
-                    b: (lambda b=b: ops.lookahead_qproj(x, w, cos, sin, Hq, lora_a=la, lora_b=lb, lora_scale=4.0, backend=b))
+                    b: (
+                        lambda b=b: ops.lookahead_qproj(
+                            x, w, cos, sin, Hq, lora_a=la, lora_b=lb, lora_scale=4.0, backend=b
+                        )
+                    )
                     for b in backends
                 }
                 runners["composite"] = lambda: composite_qproj(x, w, la, lb, 4.0, cos, sin, Hq)
-                yield Case("lookahead_qproj", shape_name, dtype_name, NUM_QUERIES, None,
-                           bytes_moved=w.numel() * esize, flops=2 * NUM_QUERIES * w.numel(), runners=runners)
+                yield Case(
+                    "lookahead_qproj",
+                    shape_name,
+                    dtype_name,
+                    NUM_QUERIES,
+                    None,
+                    bytes_moved=w.numel() * esize,
+                    flops=2 * NUM_QUERIES * w.numel(),
+                    runners=runners,
+                )
             for N in args.lengths:
                 q = torch.randn(1, Hq, NUM_QUERIES, D, generator=gen).to(device, dtype)
                 k = torch.randn(1, Hkv, N, D, generator=gen).to(device, dtype)
@@ -228,20 +249,37 @@ def build_cases(args, device, backends):
                     runners = {}
                     for b in backends:
                         if with_v:
-                            runners[b] = lambda b=b: ops.lookahead_attention(q, k, v, num_scored=S, pool_kernel=POOL_KERNEL, backend=b)
+                            runners[b] = lambda b=b: ops.lookahead_attention(
+                                q, k, v, num_scored=S, pool_kernel=POOL_KERNEL, backend=b
+                            )
                         else:
-                            runners[b] = lambda b=b: ops.attention_scores(q, k, num_scored=S, pool_kernel=POOL_KERNEL, backend=b)
-                    runners["composite"] = lambda with_v=with_v: composite_attention(q, k, v if with_v else None, S, POOL_KERNEL)
-                    yield Case(op, shape_name, dtype_name, N, None,
-                               bytes_moved=kv_bytes * (2 if with_v else 1),
-                               flops=qk_flops * (2 if with_v else 1), runners=runners)
+                            runners[b] = lambda b=b: ops.attention_scores(
+                                q, k, num_scored=S, pool_kernel=POOL_KERNEL, backend=b
+                            )
+                    runners["composite"] = lambda with_v=with_v: composite_attention(
+                        q, k, v if with_v else None, S, POOL_KERNEL
+                    )
+                    yield Case(
+                        op,
+                        shape_name,
+                        dtype_name,
+                        N,
+                        None,
+                        bytes_moved=kv_bytes * (2 if with_v else 1),
+                        flops=qk_flops * (2 if with_v else 1),
+                        runners=runners,
+                    )
                 if "select_compact" in args.ops:
                     scores = torch.randn(1, Hkv, S, generator=gen).to(device)
                     for budget in args.budgets:
                         if budget >= N:
                             continue
                         runners = {
-                            b: (lambda b=b, budget=budget: ops.select_compact(scores, k, v, budget, num_sink=4, backend=b))
+                            b: (
+                                lambda b=b, budget=budget: ops.select_compact(
+                                    scores, k, v, budget, num_sink=4, backend=b
+                                )
+                            )
                             for b in backends
                         }
                         runners["composite"] = lambda budget=budget: composite_select(scores, k, v, budget, 4)
@@ -259,12 +297,25 @@ def run(args):
     if device.type == "cpu":
         _set_malloc_mode(measuring_memory=False)
     ceilings = Ceilings.measure(device, dtypes)
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"copy {ceilings.bandwidth / 1e9:.1f} GB/s, matmul "
-          + ", ".join(f"{str(d).replace('torch.', '')} {r / 1e12:.2f} TFLOP/s" for d, r in ceilings.matmul.items()))
+    print(
+        f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+        f"copy {ceilings.bandwidth / 1e9:.1f} GB/s, matmul "
+        + ", ".join(f"{str(d).replace('torch.', '')} {r / 1e12:.2f} TFLOP/s" for d, r in ceilings.matmul.items())
+    )
     print(f"backends: {', '.join(backends)} vs the eager composite")
-    header = ["op", "shape", "dtype", "N", "budget", "impl", "median_ms", "speedup_vs_composite",
-              "peak_extra_MiB", "floor_ms", "fraction_of_floor"]
+    header = [
+        "op",
+        "shape",
+        "dtype",
+        "N",
+        "budget",
+        "impl",
+        "median_ms",
+        "speedup_vs_composite",
+        "peak_extra_MiB",
+        "floor_ms",
+        "fraction_of_floor",
+    ]
     rows = []
     print(" | ".join(header))
     for case in build_cases(args, device, backends):
@@ -273,14 +324,26 @@ def run(args):
         for name, fn in case.runners.items():
             timings[name] = median_time(fn, device, args.repeats)
         for name, fn in case.runners.items():
-            row = [case.op, case.shape, case.dtype, case.N, case.budget or "", name,
-                   f"{timings[name] * 1e3:.3f}", f"{timings['composite'] / timings[name]:.2f}",
-                   f"{peak_extra_memory(fn, device) / 2**20:.1f}", f"{floor * 1e3:.3f}",
-                   f"{floor / timings[name]:.3f}"]
+            row = [
+                case.op,
+                case.shape,
+                case.dtype,
+                case.N,
+                case.budget or "",
+                name,
+                f"{timings[name] * 1e3:.3f}",
+                f"{timings['composite'] / timings[name]:.2f}",
+                f"{peak_extra_memory(fn, device) / 2**20:.1f}",
+                f"{floor * 1e3:.3f}",
+                f"{floor / timings[name]:.3f}",
+            ]
             rows.append(row)
             print(" | ".join(map(str, row)), flush=True)
-    out = Path(args.csv) if args.csv else Path("bench/results") / (
-        f"ops_{device.type}_{datetime.date.today().isoformat()}.csv")
+    out = (
+        Path(args.csv)
+        if args.csv
+        else Path("bench/results") / (f"ops_{device.type}_{datetime.date.today().isoformat()}.csv")
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:
         writer = csv.writer(f)

@@ -6,11 +6,23 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("lookaheadkv_kernels.evaluation.demo", "answer one long-document question under several policies, side by side"),
-    "eval": ("lookaheadkv_kernels.evaluation.harness", "RULER-style long-context suite: every policy and budget, tables and plots"),
-    "bench-evict": ("lookaheadkv_kernels.evaluation.bench_evict", "time to first token and eviction overhead per policy"),
+    "demo": (
+        "lookaheadkv_kernels.evaluation.demo",
+        "answer one long-document question under several policies, side by side",
+    ),
+    "eval": (
+        "lookaheadkv_kernels.evaluation.harness",
+        "RULER-style long-context suite: every policy and budget, tables and plots",
+    ),
+    "bench-evict": (
+        "lookaheadkv_kernels.evaluation.bench_evict",
+        "time to first token and eviction overhead per policy",
+    ),
     "bench": ("lookaheadkv_kernels.bench", "benchmark every op backend against the eager PyTorch composite"),
-    "train": ("lookaheadkv_kernels.training.cli", "train a lookahead module: prompts, teacher answers, targets, training"),
+    "train": (
+        "lookaheadkv_kernels.training.cli",
+        "train a lookahead module: prompts, teacher answers, targets, training",
+    ),
 }
 
 

@@ -136,7 +136,8 @@ inline void run_block(int threads) {
   for (int i = 0; i < threads; ++i) r.warps[i / 32].barrier.live++;
   for (int i = 0; i < threads; ++i) {
     Fiber& f = r.fibers[i];
-    f.thread_idx = make_uint3(i % r.block_dim.x, (i / r.block_dim.x) % r.block_dim.y, i / (r.block_dim.x * r.block_dim.y));
+    f.thread_idx =
+        make_uint3(i % r.block_dim.x, (i / r.block_dim.x) % r.block_dim.y, i / (r.block_dim.x * r.block_dim.y));
     f.warp = i / 32;
     f.lane = i % 32;
     f.started = f.done = false;
@@ -214,12 +215,21 @@ inline void gather(const V& v, V (&all)[32]) {
 // ---- CUDA built-ins ------------------------------------------------------------------------------
 
 inline void __syncthreads() { emu::wait(emu::runtime().block_barrier); }
-inline void __syncwarp(unsigned = 0xffffffffu) { emu::wait(emu::runtime().warps[emu::runtime().current->warp].barrier); }
+inline void __syncwarp(unsigned = 0xffffffffu) {
+  emu::wait(emu::runtime().warps[emu::runtime().current->warp].barrier);
+}
 inline void __threadfence() {}
 
-template <typename V> inline V __shfl_sync(unsigned, V v, int src, int = 32) { return emu::exchange(v, src & 31); }
-template <typename V> inline V __shfl_xor_sync(unsigned, V v, int mask, int = 32) { return emu::exchange(v, emu::lane() ^ mask); }
-template <typename V> inline V __shfl_up_sync(unsigned, V v, unsigned delta, int = 32) {
+template <typename V>
+inline V __shfl_sync(unsigned, V v, int src, int = 32) {
+  return emu::exchange(v, src & 31);
+}
+template <typename V>
+inline V __shfl_xor_sync(unsigned, V v, int mask, int = 32) {
+  return emu::exchange(v, emu::lane() ^ mask);
+}
+template <typename V>
+inline V __shfl_up_sync(unsigned, V v, unsigned delta, int = 32) {
   const int src = emu::lane() - static_cast<int>(delta);
   return emu::exchange(v, src < 0 ? emu::lane() : src);
 }
@@ -239,8 +249,14 @@ inline unsigned atomicAdd(unsigned* p, unsigned v) {
   *p = old + v;
   return old;
 }
-template <typename V> inline V __ldg(const V* p) { return *p; }
-template <typename V> inline V __ldcg(const V* p) { return *p; }
+template <typename V>
+inline V __ldg(const V* p) {
+  return *p;
+}
+template <typename V>
+inline V __ldcg(const V* p) {
+  return *p;
+}
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
 inline unsigned __float_as_uint(float f) {
@@ -372,7 +388,8 @@ inline void cp_async16(void* dst, const void* src, bool fill) {
   }
 }
 inline void cp_async_commit() {}
-template <int N> inline void cp_async_wait() {}
+template <int N>
+inline void cp_async_wait() {}
 
 }  // namespace cuda
 }  // namespace lookaheadkv

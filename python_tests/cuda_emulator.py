@@ -21,9 +21,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = Path(__file__).with_name("cuda_emulator.h")
 FLAGS = [
-    "-std=c++17", "-O1", "-fPIC", "-ffp-contract=off", "-fno-strict-aliasing",
+    "-std=c++17",
+    "-O1",
+    "-fPIC",
+    "-ffp-contract=off",
+    "-fno-strict-aliasing",
     # the fibers _longjmp between stacks, which fortified longjmp rejects
-    "-U_FORTIFY_SOURCE", "-D_FORTIFY_SOURCE=0",
+    "-U_FORTIFY_SOURCE",
+    "-D_FORTIFY_SOURCE=0",
 ]
 
 
@@ -58,7 +63,7 @@ def _compile(command):
         raise RuntimeError(f"emulated CUDA build failed: {' '.join(command[-4:])}\n{done.stderr[-6000:]}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load():
     import pybind11
 
@@ -71,8 +76,12 @@ def load():
     if not target.exists():
         out_dir.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix="build-", dir=out_dir))
-        includes = [f"-I{ROOT / 'csrc'}", f"-I{_cuda_include()}", f"-I{pybind11.get_include()}",
-                    f"-I{sysconfig.get_paths()['include']}"]
+        includes = [
+            f"-I{ROOT / 'csrc'}",
+            f"-I{_cuda_include()}",
+            f"-I{pybind11.get_include()}",
+            f"-I{sysconfig.get_paths()['include']}",
+        ]
         objects = []
         for src in _sources():
             obj = scratch / (src.name + ".o")

@@ -2,21 +2,21 @@
 
 import pytest
 import torch
+from op_testing import DTYPES, assert_close, backend_cases, randn, require, strided_last_dims, tf32_like
 
 import lookaheadkv_kernels as lk
 from lookaheadkv_kernels.backends import reference
-from op_testing import DTYPES, assert_close, backend_cases, randn, require, strided_last_dims, tf32_like
 
 # (B, Hq, Hkv, Tq, N, D, S, gqa_reduce, pool_kernel, pool_type, query_reduce)
 CASES = [
-    (1, 1, 1, 1, 1, 64, 1, "mean", 1, "max", "mean"),       # N = 1
-    (1, 1, 1, 1, 1, 64, 1, "mean", 1, "max", "max"),        # N = 1, max over the queries
-    (2, 4, 4, 5, 37, 64, 37, "max", 7, "max", "mean"),      # GQA 1, SnapKV pooling
-    (1, 6, 2, 8, 50, 64, 42, "mean", 5, "avg", "mean"),     # GQA 3, S < N (window left unscored)
-    (1, 9, 3, 32, 60, 64, 60, "mean", 17, "avg", "max"),    # LookaheadKV's scoring on SmolLM2's heads
-    (1, 8, 2, 16, 16, 128, 16, "mean", 7, "max", "max"),    # GQA 4, Tq = N
-    (1, 8, 1, 7, 130, 128, 100, "max", 5, "avg", "max"),    # GQA 8, several key blocks
-    (1, 2, 1, 3, 20, 256, 3, "mean", 7, "avg", "mean"),     # largest head dim, pool wider than S
+    (1, 1, 1, 1, 1, 64, 1, "mean", 1, "max", "mean"),  # N = 1
+    (1, 1, 1, 1, 1, 64, 1, "mean", 1, "max", "max"),  # N = 1, max over the queries
+    (2, 4, 4, 5, 37, 64, 37, "max", 7, "max", "mean"),  # GQA 1, SnapKV pooling
+    (1, 6, 2, 8, 50, 64, 42, "mean", 5, "avg", "mean"),  # GQA 3, S < N (window left unscored)
+    (1, 9, 3, 32, 60, 64, 60, "mean", 17, "avg", "max"),  # LookaheadKV's scoring on SmolLM2's heads
+    (1, 8, 2, 16, 16, 128, 16, "mean", 7, "max", "max"),  # GQA 4, Tq = N
+    (1, 8, 1, 7, 130, 128, 100, "max", 5, "avg", "max"),  # GQA 8, several key blocks
+    (1, 2, 1, 3, 20, 256, 3, "mean", 7, "avg", "mean"),  # largest head dim, pool wider than S
 ]
 
 
@@ -52,14 +52,23 @@ def make_inputs(case, dtype, device, seed):
 
 def op_kwargs(case):
     *_, S, reduce, pool_kernel, pool_type, query_reduce = case
-    return dict(num_scored=S, gqa_reduce=reduce, pool_kernel=pool_kernel, pool_type=pool_type, query_reduce=query_reduce)
+    return dict(
+        num_scored=S, gqa_reduce=reduce, pool_kernel=pool_kernel, pool_type=pool_type, query_reduce=query_reduce
+    )
 
 
 def reference_outputs(q, k, v, kwargs):
     scale = q.shape[-1] ** -0.5
     return reference.lookahead_attention(
-        q.double().cpu(), k.double().cpu(), v.double().cpu(), kwargs["num_scored"], scale,
-        kwargs["gqa_reduce"], kwargs["pool_kernel"], kwargs["pool_type"], kwargs["query_reduce"],
+        q.double().cpu(),
+        k.double().cpu(),
+        v.double().cpu(),
+        kwargs["num_scored"],
+        scale,
+        kwargs["gqa_reduce"],
+        kwargs["pool_kernel"],
+        kwargs["pool_type"],
+        kwargs["query_reduce"],
     )
 
 
@@ -111,8 +120,13 @@ def test_scores_identical_with_and_without_output(backend, device):
 @pytest.mark.parametrize("backend,device", backend_cases())
 @pytest.mark.parametrize(
     "gqa_reduce,pool_kernel,pool_type,query_reduce",
-    [("mean", 1, "max", "mean"), ("max", 3, "max", "mean"), ("mean", 3, "avg", "mean"), ("mean", 1, "max", "max"),
-     ("max", 3, "avg", "max")],
+    [
+        ("mean", 1, "max", "mean"),
+        ("max", 3, "max", "mean"),
+        ("mean", 3, "avg", "mean"),
+        ("mean", 1, "max", "max"),
+        ("max", 3, "avg", "max"),
+    ],
 )
 def test_nan_query_poisons_only_the_keys_it_sees(backend, device, gqa_reduce, pool_kernel, pool_type, query_reduce):
     """docs/ops.md: NaN propagates like softmax over the visible keys, then through the reduces
@@ -123,13 +137,17 @@ def test_nan_query_poisons_only_the_keys_it_sees(backend, device, gqa_reduce, po
     q[0, 1, 0, 5] = float("nan")  # first query of head 1 (KV head 0) sees keys 0..20 only
     kwargs = op_kwargs(case)
     _, ref_scores = reference_outputs(q, k, v, kwargs)
-    for scores in (lk.attention_scores(q, k, backend=backend, **kwargs),
-                   lk.lookahead_attention(q, k, v, backend=backend, **kwargs)[1]):
+    for scores in (
+        lk.attention_scores(q, k, backend=backend, **kwargs),
+        lk.lookahead_attention(q, k, v, backend=backend, **kwargs)[1],
+    ):
         scores = scores.cpu()
         assert torch.equal(torch.isnan(scores), torch.isnan(ref_scores)), f"NaN pattern {torch.isnan(scores)}"
         finite = ~torch.isnan(ref_scores)
         assert finite[0, 0].any() and torch.isnan(ref_scores[0, 0]).any()
-        assert_close(scores[finite], ref_scores[finite], what="finite scores", **score_tolerance(backend, device, torch.float32))
+        assert_close(
+            scores[finite], ref_scores[finite], what="finite scores", **score_tolerance(backend, device, torch.float32)
+        )
 
 
 def test_scores_are_a_distribution_without_pooling():
@@ -143,13 +161,13 @@ def test_scores_are_a_distribution_without_pooling():
 def test_default_scale_and_num_scored():
     q, k, _ = make_inputs((1, 2, 1, 3, 12, 64), torch.float32, "cpu", seed=2)
     scores = lk.attention_scores(q, k)
-    expected = reference.attention_scores(q.double(), k.double(), 12, 64 ** -0.5, "mean", 1, "max", "mean")
+    expected = reference.attention_scores(q.double(), k.double(), 12, 64**-0.5, "mean", 1, "max", "mean")
     assert_close(scores, expected, rtol=2e-4, atol=1e-7, what="defaults")
 
 
 def test_query_max_scores_each_key_by_the_query_that_attends_to_it_most():
     q, k, _ = make_inputs((1, 2, 1, 4, 30, 64), torch.float32, "cpu", seed=5)
-    probs = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * 64 ** -0.5 + causal_bias(4, 30), dim=-1)
+    probs = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * 64**-0.5 + causal_bias(4, 30), dim=-1)
     scores = lk.attention_scores(q, k, query_reduce="max")
     assert_close(scores, probs.amax(dim=2).mean(dim=1, keepdim=True), rtol=2e-4, atol=1e-7, what="query max")
     one = q[:, :, -1:]  # a single query: its max is its mean
@@ -187,7 +205,11 @@ def test_bad_inputs_raise_naming_the_argument(change, message):
     q_shape, k_shape = change.get("q", (1, 4, 3, 8)), change.get("k", (1, 2, 10, 8))
     q = torch.randn(*q_shape).to(change.get("q_dtype", torch.float32))
     k = torch.randn(*k_shape).to(change.get("k_dtype", q.dtype if q.is_floating_point() else torch.float32))
-    kwargs = {n: change[n] for n in ("num_scored", "pool_kernel", "gqa_reduce", "pool_type", "scale", "query_reduce") if n in change}
+    kwargs = {
+        n: change[n]
+        for n in ("num_scored", "pool_kernel", "gqa_reduce", "pool_type", "scale", "query_reduce")
+        if n in change
+    }
     with pytest.raises((ValueError, TypeError), match=message):
         lk.attention_scores(q, k, **kwargs)
     with pytest.raises((ValueError, TypeError), match=message):

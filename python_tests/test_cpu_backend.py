@@ -10,9 +10,9 @@
 
 import pytest
 import torch
+from op_testing import assert_close, randn
 
 from lookaheadkv_kernels.backends import cpu, reference
-from op_testing import assert_close, randn
 
 pytestmark = pytest.mark.skipif(not cpu.available()[0], reason="native CPU module not built")
 
@@ -32,7 +32,7 @@ def with_threads(n, fn):
 LONG_CASES = [
     (1, 8, 2, 32, 5000, 64, 4968, "mean", 7, "max", "mean"),  # several 1536-key chunks, GQA 4
     (1, 9, 3, 32, 5000, 64, 5000, "mean", 17, "avg", "max"),  # LookaheadKV's scoring on SmolLM2's heads
-    (2, 3, 1, 5, 3100, 128, 3000, "max", 5, "avg", "max"),    # GQA 3, Tq not a multiple of 16
+    (2, 3, 1, 5, 3100, 128, 3000, "max", 5, "avg", "max"),  # GQA 3, Tq not a multiple of 16
     (1, 4, 4, 700, 1800, 32, 1800, "mean", 1, "max", "mean"),  # many query rows (44 lane tiles), Tq ~ N
     (1, 3, 3, 1000, 2500, 32, 2500, "mean", 3, "avg", "max"),  # 10 MiB of stored logits per group: waves of 2, 1
     (1, 1, 1, 2000, 3400, 32, 3300, "mean", 1, "max", "mean"),  # 25.6 MiB per group: over the cap, logits recomputed
@@ -86,6 +86,7 @@ def test_nan_query_row_matches_torch_softmax(query_reduce):
 
 
 # ---- select_compact ----------------------------------------------------------------------------
+
 
 def make_scores(kind, B, H, S, generator):
     scores = torch.randn(B, H, S, generator=generator)
@@ -142,6 +143,7 @@ def test_select_strided_scores_and_heads():
 
 # ---- lookahead_qproj ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_qproj_wide_hidden_and_partial_tiles(dtype):
     """hidden = 600: several 256-column conversion chunks of half-precision W, the last partial;
@@ -157,12 +159,15 @@ def test_qproj_wide_hidden_and_partial_tiles(dtype):
     norm_weight = randn(D, generator=g)
     args = (bias, lora_a, lora_b, 2.0, cos, sin, heads, norm_weight, 1e-6)
     out = cpu.lookahead_qproj(x, weight, *args)
-    expected = reference.lookahead_qproj(x.double(), weight.double(), *[a.double() if torch.is_tensor(a) else a for a in args])
+    expected = reference.lookahead_qproj(
+        x.double(), weight.double(), *[a.double() if torch.is_tensor(a) else a for a in args]
+    )
     tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     assert_close(out, expected, rtol=tol, atol=tol, what="q")
 
 
 # ---- rounding ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_outputs_round_like_torch(dtype):

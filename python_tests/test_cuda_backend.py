@@ -11,14 +11,14 @@ Two groups:
 The op tests (test_<op>.py) also run the cuda backend on GPU machines.
 """
 
+import cuda_emulator
 import pytest
 import torch
+from op_testing import HAS_CUDA, assert_close, randn
 
-import cuda_emulator
 from lookaheadkv_kernels.backends import cuda as cuda_backend
 from lookaheadkv_kernels.backends import reference
 from lookaheadkv_kernels.ops.validation import CHECKS
-from op_testing import HAS_CUDA, assert_close, randn
 
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 DTYPES = (F32, F16, BF16)
@@ -48,7 +48,9 @@ def launches(module):
 
 
 def qproj_tolerance(dtype):
-    return {BF16: dict(rtol=1.6e-2, atol=1.6e-2), F16: dict(rtol=2e-3, atol=2e-3), F32: dict(rtol=2e-5, atol=2e-5)}[dtype]
+    return {BF16: dict(rtol=1.6e-2, atol=1.6e-2), F16: dict(rtol=2e-3, atol=2e-3), F32: dict(rtol=2e-5, atol=2e-5)}[
+        dtype
+    ]
 
 
 def score_tolerance(dtype):
@@ -61,31 +63,38 @@ def output_tolerance(dtype):
 
 # ---- lookahead_qproj ----------------------------------------------------------------------------
 
+
 def qproj_inputs(T, hidden, H, D, rank, with_bias, with_norm, dtype, g, x_pad=0, w_pad=0):
     x = randn(T, hidden + x_pad, dtype=dtype, generator=g)[:, :hidden]
-    w = randn(H * D, hidden + w_pad, dtype=dtype, generator=g, scale=hidden ** -0.5)[:, :hidden]
+    w = randn(H * D, hidden + w_pad, dtype=dtype, generator=g, scale=hidden**-0.5)[:, :hidden]
     inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
     angles = torch.arange(100, 100 + T).float()[:, None] * inv_freq[None, :]
     emb = torch.cat((angles, angles), dim=-1)
     return (
-        x, w, randn(H * D, generator=g) if with_bias else None,
-        randn(rank, hidden, generator=g, scale=hidden ** -0.5) if rank else None,
+        x,
+        w,
+        randn(H * D, generator=g) if with_bias else None,
+        randn(rank, hidden, generator=g, scale=hidden**-0.5) if rank else None,
         randn(H * D, rank, generator=g, scale=0.1) if rank else None,
-        4.0 if rank else 1.0, emb.cos(), emb.sin(), H,
-        (1 + 0.1 * randn(D, generator=g)) if with_norm else None, 1e-6,
+        4.0 if rank else 1.0,
+        emb.cos(),
+        emb.sin(),
+        H,
+        (1 + 0.1 * randn(D, generator=g)) if with_norm else None,
+        1e-6,
     )
 
 
 QPROJ_CASES = [
     # (T, hidden, H, D, rank, bias, norm, x_pad, w_pad)
-    (1, 64, 1, 64, 0, False, False, 0, 0),      # one row
-    (32, 256, 2, 128, 8, False, True, 0, 0),    # 32 lookahead rows, q_norm, LoRA
-    (7, 200, 4, 32, 4, True, True, 0, 0),       # hidden % 32 != 0: partial last chunk
-    (40, 1024, 3, 64, 8, True, True, 0, 0),     # two token tiles, K split over blocks
-    (5, 97, 2, 64, 8, True, False, 0, 0),       # hidden % 8 != 0: FMA path for every dtype
-    (6, 128, 2, 64, 0, False, True, 1, 0),      # x rows not 16-byte aligned: FMA path
-    (6, 128, 2, 64, 0, True, False, 0, 3),      # W rows not 16-byte aligned: FMA path
-    (3, 64, 70, 2, 0, False, True, 0, 0),       # head_dim 2, 70 heads: several row tiles
+    (1, 64, 1, 64, 0, False, False, 0, 0),  # one row
+    (32, 256, 2, 128, 8, False, True, 0, 0),  # 32 lookahead rows, q_norm, LoRA
+    (7, 200, 4, 32, 4, True, True, 0, 0),  # hidden % 32 != 0: partial last chunk
+    (40, 1024, 3, 64, 8, True, True, 0, 0),  # two token tiles, K split over blocks
+    (5, 97, 2, 64, 8, True, False, 0, 0),  # hidden % 8 != 0: FMA path for every dtype
+    (6, 128, 2, 64, 0, False, True, 1, 0),  # x rows not 16-byte aligned: FMA path
+    (6, 128, 2, 64, 0, True, False, 0, 3),  # W rows not 16-byte aligned: FMA path
+    (3, 64, 70, 2, 0, False, True, 0, 0),  # head_dim 2, 70 heads: several row tiles
 ]
 
 
@@ -106,15 +115,15 @@ def test_emulated_qproj(emulated, dtype, case):
 
 ATTENTION_CASES = [
     # (B, Hq, Hkv, Tq, N, D, S, gqa_reduce, pool_kernel, pool_type)
-    (1, 1, 1, 1, 1, 64, 1, "mean", 1, "max"),        # N = 1
-    (2, 4, 4, 5, 37, 64, 37, "max", 7, "max"),       # GQA 1, pooling
-    (1, 6, 2, 8, 50, 64, 42, "mean", 5, "avg"),      # S < N
-    (1, 8, 2, 16, 16, 128, 16, "mean", 7, "max"),    # Tq = N
-    (1, 8, 1, 7, 130, 128, 100, "max", 5, "avg"),    # GQA 8, several key tiles
-    (1, 2, 1, 3, 20, 256, 3, "mean", 7, "avg"),      # D = 256, pool wider than S
-    (1, 8, 2, 40, 300, 96, 280, "max", 3, "max"),    # 3 m-tiles per head: two row blocks per group
-    (1, 2, 1, 150, 160, 64, 150, "max", 5, "avg"),   # Tq > 128: a head spans two row blocks
-    (2, 4, 2, 4, 70, 20, 66, "mean", 31, "max"),     # D % 8 != 0: element-wise tile loads; widest pool
+    (1, 1, 1, 1, 1, 64, 1, "mean", 1, "max"),  # N = 1
+    (2, 4, 4, 5, 37, 64, 37, "max", 7, "max"),  # GQA 1, pooling
+    (1, 6, 2, 8, 50, 64, 42, "mean", 5, "avg"),  # S < N
+    (1, 8, 2, 16, 16, 128, 16, "mean", 7, "max"),  # Tq = N
+    (1, 8, 1, 7, 130, 128, 100, "max", 5, "avg"),  # GQA 8, several key tiles
+    (1, 2, 1, 3, 20, 256, 3, "mean", 7, "avg"),  # D = 256, pool wider than S
+    (1, 8, 2, 40, 300, 96, 280, "max", 3, "max"),  # 3 m-tiles per head: two row blocks per group
+    (1, 2, 1, 150, 160, 64, 150, "max", 5, "avg"),  # Tq > 128: a head spans two row blocks
+    (2, 4, 2, 4, 70, 20, 66, "mean", 31, "max"),  # D % 8 != 0: element-wise tile loads; widest pool
 ]
 
 
@@ -125,14 +134,14 @@ def attention_inputs(case, dtype, g):
 
 def attention_args(case, query_reduce="mean"):
     *_, D, S, reduce, pool_kernel, pool_type = case
-    return S, D ** -0.5, reduce, pool_kernel, pool_type, query_reduce
+    return S, D**-0.5, reduce, pool_kernel, pool_type, query_reduce
 
 
 def expected_scores(q, k, case, query_reduce):
     """Float64 scores written out here (independent of reference._scores): per-head mean/max over the
     Tq query rows, GQA mean/max, then the reference's pooling."""
     *_, D, S, reduce, pool_kernel, pool_type = case
-    probs = reference._grouped_probabilities(q.double(), k.double(), D ** -0.5)[..., :S]  # [B, Hkv, G, Tq, S]
+    probs = reference._grouped_probabilities(q.double(), k.double(), D**-0.5)[..., :S]  # [B, Hkv, G, Tq, S]
     per_head = probs.mean(dim=3) if query_reduce == "mean" else probs.amax(dim=3)
     raw = per_head.mean(dim=2) if reduce == "mean" else per_head.amax(dim=2)
     return reference._pool(raw, pool_kernel, pool_type)
@@ -140,16 +149,16 @@ def expected_scores(q, k, case, query_reduce):
 
 # query_reduce = "max": Tq = 1, GQA 1/3/8, pooled and unpooled, head segments, several key chunks
 QUERY_MAX_CASES = [
-    (1, 1, 1, 1, 1, 64, 1, "mean", 1, "max"),        # N = 1, Tq = 1
-    (2, 4, 1, 1, 90, 64, 90, "max", 1, "max"),       # Tq = 1, GQA 4, unpooled
-    (2, 4, 4, 5, 37, 64, 37, "max", 7, "max"),       # GQA 1, pooling
-    (1, 6, 2, 8, 50, 64, 42, "mean", 5, "avg"),      # GQA 3, S < N
-    (1, 8, 1, 7, 130, 128, 100, "max", 5, "avg"),    # GQA 8, several key tiles
-    (1, 2, 1, 3, 20, 256, 3, "mean", 7, "avg"),      # D = 256, pool wider than S
-    (1, 8, 2, 40, 300, 96, 280, "mean", 3, "max"),   # 3 m-tiles per head: two row blocks per group
-    (1, 2, 1, 150, 160, 64, 150, "max", 1, "avg"),   # Tq > 128: a head spans two row blocks (segments)
+    (1, 1, 1, 1, 1, 64, 1, "mean", 1, "max"),  # N = 1, Tq = 1
+    (2, 4, 1, 1, 90, 64, 90, "max", 1, "max"),  # Tq = 1, GQA 4, unpooled
+    (2, 4, 4, 5, 37, 64, 37, "max", 7, "max"),  # GQA 1, pooling
+    (1, 6, 2, 8, 50, 64, 42, "mean", 5, "avg"),  # GQA 3, S < N
+    (1, 8, 1, 7, 130, 128, 100, "max", 5, "avg"),  # GQA 8, several key tiles
+    (1, 2, 1, 3, 20, 256, 3, "mean", 7, "avg"),  # D = 256, pool wider than S
+    (1, 8, 2, 40, 300, 96, 280, "mean", 3, "max"),  # 3 m-tiles per head: two row blocks per group
+    (1, 2, 1, 150, 160, 64, 150, "max", 1, "avg"),  # Tq > 128: a head spans two row blocks (segments)
     (1, 4, 2, 150, 170, 32, 160, "mean", 5, "max"),  # segments, GQA mean
-    (2, 4, 2, 4, 70, 20, 66, "mean", 31, "max"),     # D % 8 != 0: element-wise tile loads; widest pool
+    (2, 4, 2, 4, 70, 20, 66, "mean", 31, "max"),  # D % 8 != 0: element-wise tile loads; widest pool
 ]
 
 
@@ -218,35 +227,37 @@ def test_emulated_attention_nan_row(emulated, query_reduce, Tq):
     g = torch.Generator().manual_seed(0)
     q, k, v = (randn(*s, dtype=BF16, generator=g) for s in ((B, Hq, Tq, D), (B, Hkv, N, D), (B, Hkv, N, D)))
     q[0, 1, 0, 3] = float("nan")
-    args = CHECKS["lookahead_attention"](q, k, v, N, D ** -0.5, "max", 1, "max", query_reduce)
+    args = CHECKS["lookahead_attention"](q, k, v, N, D**-0.5, "max", 1, "max", query_reduce)
     for launch in launches(emulated):
         out, scores = cuda_backend.run_attention(launch, *args)
         assert torch.isnan(scores[0, 0, : N - Tq + 1]).all()
-        assert torch.isfinite(scores[0, 0, N - Tq + 1:]).all()
-        assert torch.isnan(out[0, 1, 0]).all() and torch.isfinite(out[0, 0]).all() and torch.isfinite(out[0, 1, 1:]).all()
+        assert torch.isfinite(scores[0, 0, N - Tq + 1 :]).all()
+        assert (
+            torch.isnan(out[0, 1, 0]).all() and torch.isfinite(out[0, 0]).all() and torch.isfinite(out[0, 1, 1:]).all()
+        )
     if Tq > 128:  # a NaN row in the second segment of head 0
         q[0, 1, 0, 3] = 0.0
         q[0, 0, 140, 3] = float("nan")
-        args = CHECKS["lookahead_attention"](q, k, v, N, D ** -0.5, "max", 1, "max", query_reduce)
+        args = CHECKS["lookahead_attention"](q, k, v, N, D**-0.5, "max", 1, "max", query_reduce)
         _, scores = cuda_backend.run_attention(PoisonedLaunch(emulated, 0, 4), *args)
         assert torch.isnan(scores[0, 0, : N - Tq + 141]).all()
-        assert torch.isfinite(scores[0, 0, N - Tq + 141:]).all()
+        assert torch.isfinite(scores[0, 0, N - Tq + 141 :]).all()
 
 
 # ---- select_compact -----------------------------------------------------------------------------
 
 SELECT_CASES = [
     # (B, Hkv, N, D, S, budget, num_sink)
-    (1, 1, 1, 64, 1, 1, 0),              # N = 1
-    (2, 3, 40, 64, 40, 10, 0),           # plain top-k
-    (1, 2, 50, 128, 42, 20, 4),          # sinks + unscored window
-    (1, 2, 50, 64, 42, 12, 4),           # budget = protected count: nothing picked
-    (1, 2, 30, 64, 30, 64, 4),           # budget > N keeps everything
-    (1, 1, 20, 32, 16, 16, 10),          # mostly sinks
-    (1, 2, 9000, 64, 8900, 700, 4),      # > 8192 candidates: multi-block radix select
-    (1, 1, 9000, 8, 8999, 8999, 0),      # long row, pick all candidates but one
-    (2, 1, 5000, 16, 4900, 6000, 0),     # budget > N over two tiles
-    (1, 1, 40000, 8, 100, 39950, 4),     # few candidates, long unscored tail: multi-block path
+    (1, 1, 1, 64, 1, 1, 0),  # N = 1
+    (2, 3, 40, 64, 40, 10, 0),  # plain top-k
+    (1, 2, 50, 128, 42, 20, 4),  # sinks + unscored window
+    (1, 2, 50, 64, 42, 12, 4),  # budget = protected count: nothing picked
+    (1, 2, 30, 64, 30, 64, 4),  # budget > N keeps everything
+    (1, 1, 20, 32, 16, 16, 10),  # mostly sinks
+    (1, 2, 9000, 64, 8900, 700, 4),  # > 8192 candidates: multi-block radix select
+    (1, 1, 9000, 8, 8999, 8999, 0),  # long row, pick all candidates but one
+    (2, 1, 5000, 16, 4900, 6000, 0),  # budget > N over two tiles
+    (1, 1, 40000, 8, 100, 39950, 4),  # few candidates, long unscored tail: multi-block path
 ]
 
 
@@ -302,7 +313,7 @@ def eviction(x, weight, cos, sin, k, v, lora_a, lora_b):
     """lookahead_qproj -> lookahead_attention -> select_compact, as the runtime chains them."""
     q = cuda_backend.lookahead_qproj(x, weight, None, lora_a, lora_b, 2.0, cos, sin, 32, None, 1e-6)
     q = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, T, D], strided
-    out, scores = cuda_backend.lookahead_attention(q, k, v, k.shape[2] - 32, 128 ** -0.5, "mean", 7, "max", "mean")
+    out, scores = cuda_backend.lookahead_attention(q, k, v, k.shape[2] - 32, 128**-0.5, "mean", 7, "max", "mean")
     k_out, v_out, kept = cuda_backend.select_compact(scores, k, v, 512, 4)
     return q, out, scores, k_out, v_out, kept
 
@@ -310,7 +321,7 @@ def eviction(x, weight, cos, sin, k, v, lora_a, lora_b):
 def eviction_inputs(N=6000, seed=0):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s, scale=1.0: randn(*s, dtype=BF16, device="cuda", generator=g, scale=scale)  # noqa: E731
-    x, weight = r(32, 4096), r(32 * 128, 4096, scale=4096 ** -0.5)
+    x, weight = r(32, 4096), r(32 * 128, 4096, scale=4096**-0.5)
     lora_a = randn(8, 4096, device="cuda", generator=g, scale=0.01)
     lora_b = randn(32 * 128, 8, device="cuda", generator=g, scale=0.1)
     angles = torch.arange(N, N + 32, device="cuda").float()[:, None] / (10000 ** (torch.arange(64, device="cuda") / 64))
@@ -371,8 +382,10 @@ def test_gpu_large_attention_and_select(dtype, query_reduce):
     """Many key chunks and long select rows at real sizes, against the float64 reference."""
     g = torch.Generator().manual_seed(2)
     B, Hq, Hkv, Tq, N, D = 1, 32, 8, 32, 20000, 128
-    q, k, v = (randn(*s, dtype=dtype, device="cuda", generator=g) for s in ((B, Hq, Tq, D), (B, Hkv, N, D), (B, Hkv, N, D)))
-    args = (N - Tq, D ** -0.5, "max", 7, "max", query_reduce)
+    q, k, v = (
+        randn(*s, dtype=dtype, device="cuda", generator=g) for s in ((B, Hq, Tq, D), (B, Hkv, N, D), (B, Hkv, N, D))
+    )
+    args = (N - Tq, D**-0.5, "max", 7, "max", query_reduce)
     out, scores = cuda_backend.lookahead_attention(q, k, v, *args)
     want_out, want_scores = reference.lookahead_attention(q.double(), k.double(), v.double(), *args)
     assert_close(scores, want_scores, what="scores", **score_tolerance(dtype))

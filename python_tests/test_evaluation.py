@@ -12,6 +12,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+from runtime_testing import trained_looking  # noqa: E402
+
 from lookaheadkv_kernels.evaluation import harness, report, tasks  # noqa: E402
 from lookaheadkv_kernels.evaluation.replay import capture_prefill, decode, evict  # noqa: E402
 from lookaheadkv_kernels.runtime import (  # noqa: E402
@@ -25,7 +27,6 @@ from lookaheadkv_kernels.runtime import (  # noqa: E402
     generate,
     prefill_and_evict,
 )
-from runtime_testing import trained_looking  # noqa: E402
 
 VOCAB = 96
 CHAT_TEMPLATE = (
@@ -54,7 +55,10 @@ def tokenizer():
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     backend.decoder = decoders.WordPiece()
     tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="[UNK]", bos_token="<|im_start|>", eos_token="<|im_end|>",
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
         pad_token="<|im_end|>",
     )
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
@@ -64,8 +68,14 @@ def tokenizer():
 
 def tiny_llama(seed=0):
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, attn_implementation="sdpa",
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        attn_implementation="sdpa",
     )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
@@ -146,8 +156,13 @@ def test_replay_equals_prefill_and_evict_for_every_policy_kind():
     prefill = capture_prefill(model, ids)
     continuation = decode(model, prefill, prefill.full_cache(), 40)
     policies = [
-        SnapKV(window=8), PyramidKV(window=8), StreamingLLM(), LAQ(snap_window=8),
-        SpecKV(num_draft=6, window=8), Oracle(max_answer_tokens=5), LookaheadKV(trained_looking(model)),
+        SnapKV(window=8),
+        PyramidKV(window=8),
+        StreamingLLM(),
+        LAQ(snap_window=8),
+        SpecKV(num_draft=6, window=8),
+        Oracle(max_answer_tokens=5),
+        LookaheadKV(trained_looking(model)),
     ]
     for policy in policies:
         for known in (None, continuation):
@@ -204,33 +219,61 @@ def test_evaluation_resumes_and_reports(tmp_path, tokenizer):
     lines = (tmp_path / "eval_t.jsonl").read_text().splitlines()
     assert len(lines) == 2 * (1 + 2 * 2)
     record = json.loads(lines[1])
-    assert {"uid", "policy", "budget", "score", "prediction", "evict_seconds", "kept_bytes", "full_bytes"} <= set(record)
+    assert {"uid", "policy", "budget", "score", "prediction", "evict_seconds", "kept_bytes", "full_bytes"} <= set(
+        record
+    )
 
     resumed = harness.ResultStore(tmp_path / "eval_t.jsonl")
     assert len(resumed.records) == len(lines)
     harness.evaluate(model, tokenizer, samples, policies, budgets + [128], resumed, progress=False)
     assert len((tmp_path / "eval_t.jsonl").read_text().splitlines()) == len(lines) + 2 * 2  # only the new budget
 
-    runs = [{"command": "lookaheadkv eval --budgets 40,64", "module": None}, {"command": "lookaheadkv eval --budgets 128", "module": None}]
+    runs = [
+        {"command": "lookaheadkv eval --budgets 40,64", "module": None},
+        {"command": "lookaheadkv eval --budgets 128", "module": None},
+    ]
     (tmp_path / "eval_t.meta.json").write_text(json.dumps({"runs": runs}))
     written = report.write_report(
-        resumed, tmp_path, "t", budgets=budgets, policies=policies, lengths=[300], tasks=["niah_single", "variable_tracking"]
+        resumed,
+        tmp_path,
+        "t",
+        budgets=budgets,
+        policies=policies,
+        lengths=[300],
+        tasks=["niah_single", "variable_tracking"],
     )
     names = {p.name for p in written}
     assert {"eval_t.csv", "eval_t.md"} <= names
     markdown = (tmp_path / "eval_t.md").read_text()
     assert "| full cache |" in markdown and "| snapkv |" in markdown
-    assert "`lookaheadkv eval --budgets 40,64`" in markdown and "`lookaheadkv eval --budgets 128`" in markdown  # every run named
+    assert (
+        "`lookaheadkv eval --budgets 40,64`" in markdown and "`lookaheadkv eval --budgets 128`" in markdown
+    )  # every run named
     rows = (tmp_path / "eval_t.csv").read_text().splitlines()
-    assert rows[0].startswith("policy,budget,length,task") and len(rows) == 1 + 5 * 3  # (policy, budget) x (2 tasks + mean)
+    assert (
+        rows[0].startswith("policy,budget,length,task") and len(rows) == 1 + 5 * 3
+    )  # (policy, budget) x (2 tasks + mean)
 
 
 def test_first_sample_chooses_the_sample_indices(tmp_path, tokenizer, monkeypatch):
     from lookaheadkv_kernels.runtime import models
 
     monkeypatch.setattr(models, "load_model", lambda name: (tiny_llama(), tokenizer))
-    args = ["--tasks", "niah_single", "--lengths", "300", "--policies", "full", "--budgets", "40",
-            "--out", str(tmp_path), "--name", "t", "--no-progress"]
+    args = [
+        "--tasks",
+        "niah_single",
+        "--lengths",
+        "300",
+        "--policies",
+        "full",
+        "--budgets",
+        "40",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "t",
+        "--no-progress",
+    ]
     assert harness.main(args + ["--samples", "2", "--first-sample", "3"]) == 0
     records = [json.loads(line) for line in (tmp_path / "eval_t.jsonl").read_text().splitlines()]
     assert sorted(r["index"] for r in records) == [3, 4]
@@ -254,7 +297,10 @@ def test_snapkv_controls_pool_and_budget_like_lookaheadkv(name, same_budgets):
     control, lookahead = build_policy(name, None), LookaheadKV(trained_looking(tiny_llama()))
     assert name in harness.parse_policies(f"snapkv,{name}") and name in ALL_POLICIES
     assert isinstance(control, SnapKV) and control.window == SnapKV().window
-    assert (control.options.pool_kernel, control.options.pool_type) == (lookahead.options.pool_kernel, lookahead.options.pool_type)
+    assert (control.options.pool_kernel, control.options.pool_type) == (
+        lookahead.options.pool_kernel,
+        lookahead.options.pool_type,
+    )
     budgets = control.layer_budgets(128, 4096, 30)
     assert (budgets == lookahead.layer_budgets(128, 4096, 30)) == same_budgets
     assert (budgets == [128] * 30) != same_budgets
@@ -267,13 +313,17 @@ def test_bench_evict_measures_every_policy_against_the_plain_prefill(tokenizer):
 
     model = tiny_llama()
     module = trained_looking(model)
-    rows = bench_evict.bench_length(model, tokenizer, 300, ["lookaheadkv", "snapkv", "laq"], module, 64, 2, 8, lambda _: None)
+    rows = bench_evict.bench_length(
+        model, tokenizer, 300, ["lookaheadkv", "snapkv", "laq"], module, 64, 2, 8, lambda _: None
+    )
     by = {r["policy"]: r for r in rows}
     assert set(by) == {bench_evict.PLAIN, "lookaheadkv", "snapkv", "laq"}
     assert by[bench_evict.PLAIN]["overhead_ms"] is None and len(by["laq"]["ttft_runs_ms"]) == 2
     assert by["lookaheadkv"]["eviction_work_ratio_to_lookaheadkv"] == pytest.approx(1.0)
     assert by["snapkv"]["kept_kv_bytes"] < by[bench_evict.PLAIN]["kept_kv_bytes"]
-    assert by["laq"]["peak_kv_bytes"] >= by["snapkv"]["peak_kv_bytes"]  # LAQ holds the full cache until its draft is done
+    assert (
+        by["laq"]["peak_kv_bytes"] >= by["snapkv"]["peak_kv_bytes"]
+    )  # LAQ holds the full cache until its draft is done
     meta = {"command": "x", "device": "cpu", "threads": 1, "budget": 64, "repeats": 2, "module": None}
     table = bench_evict.markdown(rows, meta)
     assert "| lookaheadkv |" in table and "laq/LookaheadKV" in table
@@ -284,21 +334,41 @@ def test_bench_evict_takes_no_ratio_of_an_overhead_within_the_prefill_noise():
 
     def row(policy, ttft, runs, work):
         plain = policy == bench_evict.PLAIN
-        return {"length": 1024, "prompt_tokens": 1000, "policy": policy, "ttft_ms": ttft, "ttft_runs_ms": runs,
-                "overhead_ms": None if plain else ttft - 1000.0, "overhead_percent": None if plain else (ttft - 1000.0) / 10,
-                "eviction_work_ms": None if plain else work, "eviction_work_percent": None if plain else work / 10,
-                "overhead_ratio_to_lookaheadkv": None, "eviction_work_ratio_to_lookaheadkv": None,
-                "peak_kv_bytes": 0, "kept_kv_bytes": 0}
+        return {
+            "length": 1024,
+            "prompt_tokens": 1000,
+            "policy": policy,
+            "ttft_ms": ttft,
+            "ttft_runs_ms": runs,
+            "overhead_ms": None if plain else ttft - 1000.0,
+            "overhead_percent": None if plain else (ttft - 1000.0) / 10,
+            "eviction_work_ms": None if plain else work,
+            "eviction_work_percent": None if plain else work / 10,
+            "overhead_ratio_to_lookaheadkv": None,
+            "eviction_work_ratio_to_lookaheadkv": None,
+            "peak_kv_bytes": 0,
+            "kept_kv_bytes": 0,
+        }
 
     meta = {"command": "x", "device": "cpu", "threads": 1, "budget": 64, "repeats": 2, "module": None}
     plain = row(bench_evict.PLAIN, 1000.0, [950.0, 1050.0], None)  # run-to-run spread: 100 ms
-    noisy = bench_evict.markdown([plain, row("lookaheadkv", 1060.0, [], 180.0), row("snapkv", 1001.0, [], 50.0),
-                                  row("laq", 1600.0, [], 600.0)], meta)
-    assert "TTFT overhead: LookaheadKV's +60 ms is within the plain prefill's run-to-run spread (100 ms): no ratio" in noisy
+    noisy = bench_evict.markdown(
+        [plain, row("lookaheadkv", 1060.0, [], 180.0), row("snapkv", 1001.0, [], 50.0), row("laq", 1600.0, [], 600.0)],
+        meta,
+    )
+    assert (
+        "TTFT overhead: LookaheadKV's +60 ms is within the plain prefill's run-to-run spread (100 ms): no ratio"
+        in noisy
+    )
     assert "work: LookaheadKV/SnapKV 3.60× (not met, ≤ 2×); laq/LookaheadKV 3.3×" in noisy
-    clear = bench_evict.markdown([plain, row("lookaheadkv", 1300.0, [], 180.0), row("snapkv", 1001.0, [], 50.0),
-                                  row("laq", 6000.0, [], 600.0)], meta)
-    assert "TTFT overhead: SnapKV's overhead is within the spread: no LookaheadKV/SnapKV ratio; laq/LookaheadKV 16.7× (met" in clear
+    clear = bench_evict.markdown(
+        [plain, row("lookaheadkv", 1300.0, [], 180.0), row("snapkv", 1001.0, [], 50.0), row("laq", 6000.0, [], 600.0)],
+        meta,
+    )
+    assert (
+        "TTFT overhead: SnapKV's overhead is within the spread: no LookaheadKV/SnapKV ratio; laq/LookaheadKV 16.7× (met"
+        in clear
+    )
 
 
 def test_a_record_cut_off_by_a_killed_run_is_dropped(tmp_path):

@@ -2,21 +2,21 @@
 
 import pytest
 import torch
+from op_testing import DTYPES, assert_close, backend_cases, randn, require, tf32_like
 
 import lookaheadkv_kernels as lk
 from lookaheadkv_kernels.backends import reference
-from op_testing import DTYPES, assert_close, backend_cases, randn, require, tf32_like
 
 # (T, hidden, num_heads, D, rank, bias, norm)
 CASES = [
-    (1, 64, 1, 64, 0, False, False),      # one row, no extras
-    (5, 96, 3, 64, 8, True, False),       # Qwen2-like bias + LoRA
-    (32, 256, 2, 128, 8, False, True),    # Qwen3-like q_norm + LoRA, 32 lookahead rows
-    (7, 200, 4, 32, 4, True, True),       # everything, hidden not a multiple of 64
+    (1, 64, 1, 64, 0, False, False),  # one row, no extras
+    (5, 96, 3, 64, 8, True, False),  # Qwen2-like bias + LoRA
+    (32, 256, 2, 128, 8, False, True),  # Qwen3-like q_norm + LoRA, 32 lookahead rows
+    (7, 200, 4, 32, 4, True, True),  # everything, hidden not a multiple of 64
 ]
 # Few rows (LAQ projects one row per call): the CPU kernel takes its GEMV path for T <= 4.
 FEW_ROWS = [
-    (3, 200, 4, 32, 4, True, True),       # everything, hidden not a multiple of 32
+    (3, 200, 4, 32, 4, True, True),  # everything, hidden not a multiple of 32
 ]
 
 
@@ -46,11 +46,11 @@ def make_inputs(case, dtype, device, seed, x_layout="contiguous"):
         wide = torch.zeros(T, hidden + 16, dtype=dtype, device=device)
         wide[:, :hidden] = x
         x = wide[:, :hidden]
-    weight = randn(H * D, hidden, dtype=dtype, device=device, generator=g, scale=hidden ** -0.5)
+    weight = randn(H * D, hidden, dtype=dtype, device=device, generator=g, scale=hidden**-0.5)
     cos, sin = (t.to(device) for t in rope_tables(T, D))
     args = dict(
         bias=randn(H * D, device=device, generator=g) if with_bias else None,
-        lora_a=randn(rank, hidden, device=device, generator=g, scale=hidden ** -0.5) if rank else None,
+        lora_a=randn(rank, hidden, device=device, generator=g, scale=hidden**-0.5) if rank else None,
         lora_b=randn(H * D, rank, device=device, generator=g, scale=0.1) if rank else None,
         lora_scale=4.0 if rank else 1.0,
         norm_weight=(1 + 0.1 * randn(D, device=device, generator=g)) if with_norm else None,
@@ -62,8 +62,17 @@ def make_inputs(case, dtype, device, seed, x_layout="contiguous"):
 def reference_q(x, weight, cos, sin, H, args):
     d = lambda t: None if t is None else t.double().cpu()  # noqa: E731
     return reference.lookahead_qproj(
-        d(x), d(weight), d(args["bias"]), d(args["lora_a"]), d(args["lora_b"]), args["lora_scale"],
-        d(cos), d(sin), H, d(args["norm_weight"]), args["eps"],
+        d(x),
+        d(weight),
+        d(args["bias"]),
+        d(args["lora_a"]),
+        d(args["lora_b"]),
+        args["lora_scale"],
+        d(cos),
+        d(sin),
+        H,
+        d(args["norm_weight"]),
+        args["eps"],
     )
 
 

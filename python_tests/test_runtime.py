@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
+from runtime_testing import trained_looking  # noqa: E402
+
 from lookaheadkv_kernels.runtime import (  # noqa: E402
     LAQ,
     POLICIES,
@@ -36,7 +38,6 @@ from lookaheadkv_kernels.runtime.lookahead import ScoreOptions, target_linear  #
 from lookaheadkv_kernels.runtime.models import layer_parts  # noqa: E402
 from lookaheadkv_kernels.runtime.policies import LOOKAHEAD_POOL_SHIFT, Run  # noqa: E402
 from lookaheadkv_kernels.runtime.tap import tap_layers  # noqa: E402
-from runtime_testing import trained_looking  # noqa: E402
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 VOCAB = 96
@@ -45,8 +46,14 @@ PROMPT = 40
 
 def tiny_model(family, attn="sdpa", seed=0, **overrides):
     common = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, attn_implementation=attn,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        attn_implementation=attn,
     )
     common.update(overrides)
     config = {
@@ -70,7 +77,9 @@ def prompt_ids(length=PROMPT, seed=1):
 
 
 def full_generate(model, ids, max_new_tokens):
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
+    out = model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False
+    )
     return out[0, ids.shape[1] :].tolist()
 
 
@@ -174,8 +183,16 @@ def test_lookahead_stream_is_differentiable_in_the_module_only():
 
 def all_policies(model):
     return [
-        SnapKV(), SnapKV.kvpress(), PyramidKV(), StreamingLLM(), KNorm(), RandomPolicy(), LAQ(),
-        SpecKV(num_draft=4), SpecKV(draft_model=tiny_model("llama", seed=5), num_draft=4), Oracle(),
+        SnapKV(),
+        SnapKV.kvpress(),
+        PyramidKV(),
+        StreamingLLM(),
+        KNorm(),
+        RandomPolicy(),
+        LAQ(),
+        SpecKV(num_draft=4),
+        SpecKV(draft_model=tiny_model("llama", seed=5), num_draft=4),
+        Oracle(),
         LookaheadKV(trained_looking(model)),
     ]
 
@@ -201,7 +218,9 @@ def test_a_budget_below_what_a_policy_always_keeps_fails_before_the_prefill(monk
 
     monkeypatch.setattr(model, "forward", no_forward)
     for policy, floor in ((SnapKV(), 36), (SnapKV(window=8, num_sink=0), 8), (LAQ(), 36), (KNorm(), 4)):
-        with pytest.raises(ValueError, match=f"budget {floor - 1} is below the {floor} entries per layer {policy.name}"):
+        with pytest.raises(
+            ValueError, match=f"budget {floor - 1} is below the {floor} entries per layer {policy.name}"
+        ):
             prefill_and_evict(model, ids, policy, budget=floor - 1, max_new_tokens=4)
     assert SnapKV().always_kept(20) == 20 and KNorm(num_sink=30).always_kept(20) == 20  # short prompts: all of it
 
@@ -284,7 +303,10 @@ def collect_scores(model, ids, policy):
 @pytest.mark.parametrize(
     "snapkv",
     [
-        SnapKV(), SnapKV.kvpress(), SnapKV(window=16, gqa_reduce="max", pool_kernel=1), SnapKV(window=16, query_reduce="max"),
+        SnapKV(),
+        SnapKV.kvpress(),
+        SnapKV(window=16, gqa_reduce="max", pool_kernel=1),
+        SnapKV(window=16, query_reduce="max"),
         SnapKV(window=16, pool_kernel=5, pool_type="avg", pool_shift=2),
     ],
 )
@@ -315,8 +337,12 @@ def test_lookaheadkv_window_votes_add_snapkv_shares(family, weight, window, rece
     ids = prompt_ids(80)
     module = trained_looking(model)
     alone = collect_scores(model, ids, LookaheadKV(module, recent=recent, window_votes=0, pool_shift=3))
-    votes = collect_scores(model, ids, SnapKV(window=window, pool_kernel=17, pool_type="avg", query_reduce="max", pool_shift=3))
-    mixed = collect_scores(model, ids, LookaheadKV(module, recent=recent, window_votes=weight, window=window, pool_shift=3))
+    votes = collect_scores(
+        model, ids, SnapKV(window=window, pool_kernel=17, pool_type="avg", query_reduce="max", pool_shift=3)
+    )
+    mixed = collect_scores(
+        model, ids, LookaheadKV(module, recent=recent, window_votes=weight, window=window, pool_shift=3)
+    )
     assert LookaheadKV(module).window_votes == 1.0 and LookaheadKV(module).window == 32  # the defaults
     for a, v, m in zip(alone, votes, mixed):
         both = min(a.shape[-1], v.shape[-1])
@@ -399,7 +425,10 @@ def test_trained_module_round_trips_through_save_and_load(tmp_path, family):
         assert torch.equal(a, b), name
     _, kv = prompt_cache(model, prompt_ids())
     with torch.no_grad():
-        assert all(torch.equal(a, b) for a, b in zip(lookahead_stream(model, module, kv)[1], lookahead_stream(model, loaded, kv)[1]))
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(lookahead_stream(model, module, kv)[1], lookahead_stream(model, loaded, kv)[1])
+        )
 
 
 def test_smollm2_conversion_is_cached_by_content_not_by_install_time(tmp_path):
@@ -528,7 +557,17 @@ def test_lookaheadkv_spreads_its_budget_over_depth():
 
 
 def test_policy_names_and_options():
-    assert set(POLICIES) == {"snapkv", "pyramidkv", "streamingllm", "knorm", "random", "laq", "speckv", "oracle", "lookaheadkv"}
+    assert set(POLICIES) == {
+        "snapkv",
+        "pyramidkv",
+        "streamingllm",
+        "knorm",
+        "random",
+        "laq",
+        "speckv",
+        "oracle",
+        "lookaheadkv",
+    }
     model = tiny_model("llama")
     ids = prompt_ids()
     a = generate(model, None, ids, policy="snapkv", window=8, num_sink=0, budget=12, max_new_tokens=3)

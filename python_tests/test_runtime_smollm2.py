@@ -83,7 +83,15 @@ def test_budget_at_least_prompt_generates_full_cache_tokens(smollm2, needle_ids)
     expected = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
     expected = expected[0, ids.shape[1] :].tolist()
     policies = [
-        SnapKV(), SnapKV.kvpress(), PyramidKV(), StreamingLLM(), KNorm(), RandomPolicy(), LAQ(), SpecKV(), Oracle(),
+        SnapKV(),
+        SnapKV.kvpress(),
+        PyramidKV(),
+        StreamingLLM(),
+        KNorm(),
+        RandomPolicy(),
+        LAQ(),
+        SpecKV(),
+        Oracle(),
         LookaheadKV(LookaheadModule(model)),
     ]
     for policy in policies:

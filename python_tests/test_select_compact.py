@@ -2,21 +2,21 @@
 
 import pytest
 import torch
+from op_testing import DTYPES, backend_cases, require, strided_last_dims
 
 import lookaheadkv_kernels as lk
 from lookaheadkv_kernels.backends import reference
-from op_testing import DTYPES, backend_cases, require, strided_last_dims
 
 # (B, Hkv, N, D, S, budget, num_sink)
 CASES = [
-    (1, 1, 1, 64, 1, 1, 0),          # N = 1
-    (2, 3, 40, 64, 40, 10, 0),       # plain top-k
-    (1, 2, 50, 128, 42, 20, 4),      # sinks + unscored window
-    (1, 2, 50, 64, 42, 12, 4),       # budget = protected count (4 + 8)
-    (1, 2, 30, 64, 30, 64, 4),       # budget >= N keeps everything
-    (1, 2, 30, 64, 20, 30, 2),       # budget == N
-    (2, 2, 300, 64, 268, 100, 8),    # several blocks
-    (1, 1, 20, 32, 16, 16, 10),      # most scored positions are sinks: pick 2 of 6
+    (1, 1, 1, 64, 1, 1, 0),  # N = 1
+    (2, 3, 40, 64, 40, 10, 0),  # plain top-k
+    (1, 2, 50, 128, 42, 20, 4),  # sinks + unscored window
+    (1, 2, 50, 64, 42, 12, 4),  # budget = protected count (4 + 8)
+    (1, 2, 30, 64, 30, 64, 4),  # budget >= N keeps everything
+    (1, 2, 30, 64, 20, 30, 2),  # budget == N
+    (2, 2, 300, 64, 268, 100, 8),  # several blocks
+    (1, 1, 20, 32, 16, 16, 10),  # most scored positions are sinks: pick 2 of 6
 ]
 
 
@@ -73,8 +73,16 @@ def test_ties_nan_and_infinities(backend, device, kind, case):
 @pytest.mark.parametrize("layout", ["transposed", "padded"])
 def test_non_contiguous_kv_and_half_scores(backend, device, layout):
     require(backend, device)
-    run_case(backend, device, (2, 3, 45, 64, 40, 17, 2), torch.bfloat16, "random", seed=5, layout=layout,
-             score_dtype=torch.bfloat16)
+    run_case(
+        backend,
+        device,
+        (2, 3, 45, 64, 40, 17, 2),
+        torch.bfloat16,
+        "random",
+        seed=5,
+        layout=layout,
+        score_dtype=torch.bfloat16,
+    )
 
 
 def test_order_rules_on_a_hand_written_row():

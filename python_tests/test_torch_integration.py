@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from op_testing import HAS_CUDA
 
 import lookaheadkv_kernels as lk
 from lookaheadkv_kernels.backends import reference
-from op_testing import HAS_CUDA
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
@@ -62,13 +62,29 @@ def test_gradients_match_float64_reference(query_reduce):
     k, v = args["lookahead_attention"][1:3]
 
     def loss(op_qproj, op_attention, cast):
-        q = op_qproj(cast(x), cast(weight), cast(bias), cast(lora_a), cast(lora_b), scale, cast(cos), cast(sin), H, cast(norm), eps)
+        q = op_qproj(
+            cast(x),
+            cast(weight),
+            cast(bias),
+            cast(lora_a),
+            cast(lora_b),
+            scale,
+            cast(cos),
+            cast(sin),
+            H,
+            cast(norm),
+            eps,
+        )
         q = q.transpose(0, 1).unsqueeze(0)
         out, scores = op_attention(q, cast(k), cast(v), 12, 0.25, "mean", 1, "max", query_reduce)
-        return (out.sin().sum() + (scores * torch.arange(12, dtype=scores.dtype)).sum())
+        return out.sin().sum() + (scores * torch.arange(12, dtype=scores.dtype)).sum()
 
     leaves = [x, lora_a, lora_b, k, v]
-    got = torch.autograd.grad(loss(torch.ops.lookaheadkv.lookahead_qproj, torch.ops.lookaheadkv.lookahead_attention, lambda t: t), leaves)
-    want = torch.autograd.grad(loss(reference.lookahead_qproj, reference.lookahead_attention, lambda t: t.double()), leaves)
+    got = torch.autograd.grad(
+        loss(torch.ops.lookaheadkv.lookahead_qproj, torch.ops.lookaheadkv.lookahead_attention, lambda t: t), leaves
+    )
+    want = torch.autograd.grad(
+        loss(reference.lookahead_qproj, reference.lookahead_attention, lambda t: t.double()), leaves
+    )
     for g, w in zip(got, want):
         torch.testing.assert_close(g.double(), w.double(), rtol=1e-4, atol=1e-5)

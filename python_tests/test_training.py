@@ -10,8 +10,13 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import (  # noqa: E402
+    DynamicCache,  # noqa: E402
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
+from lookaheadkv_kernels.runtime.lookahead import lookahead_stream  # noqa: E402
 from lookaheadkv_kernels.training import (  # noqa: E402
     TASKS,
     TrainConfig,
@@ -26,11 +31,8 @@ from lookaheadkv_kernels.training import (  # noqa: E402
     topk_recall,
 )
 from lookaheadkv_kernels.training import data as data_module  # noqa: E402
-from lookaheadkv_kernels.training.teacher import build_records, record_text, write_record  # noqa: E402
-from transformers import DynamicCache  # noqa: E402
-
-from lookaheadkv_kernels.runtime.lookahead import lookahead_stream  # noqa: E402
 from lookaheadkv_kernels.training.targets import answer_importance  # noqa: E402
+from lookaheadkv_kernels.training.teacher import build_records, record_text, write_record  # noqa: E402
 
 VOCAB = 96
 
@@ -38,9 +40,19 @@ VOCAB = 96
 def tiny_model(seed=0):
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0, eos_token_id=1, pad_token_id=1,
-        bos_token_id=0, attn_implementation="eager", initializer_range=0.3,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+        eos_token_id=1,
+        pad_token_id=1,
+        bos_token_id=0,
+        attn_implementation="eager",
+        initializer_range=0.3,
     )
     model = LlamaForCausalLM(config).eval()
     model.generation_config.eos_token_id = 1
@@ -108,8 +120,17 @@ def test_answer_importance_rows_sum_to_one(model):
 
 
 def make_trainer(model, records, out_dir, **overrides):
-    settings = dict(steps=4, batch_size=3, lr=5e-3, warmup_steps=1, n_lookahead=4, rank=2, eval_every=2,
-                    checkpoint_every=0, budgets=(8, 16))
+    settings = dict(
+        steps=4,
+        batch_size=3,
+        lr=5e-3,
+        warmup_steps=1,
+        n_lookahead=4,
+        rank=2,
+        eval_every=2,
+        checkpoint_every=0,
+        budgets=(8, 16),
+    )
     settings.update(overrides)
     return Trainer(model, records[0], records[1], out_dir, TrainConfig(**settings), progress=False)
 
@@ -223,10 +244,16 @@ def test_loss_refuses_settings_that_leave_no_key(model, records, tmp_path):
         record_loss(model, trainer.module, record, trainer.config, "cpu")
 
 
-@pytest.mark.parametrize("missing,legacy", [
-    (("num_sink", "recent", "pool_kernel", "pool_type"), dict(num_sink=0, pool_kernel=1)),  # before sinks were left out
-    (("pool_kernel", "pool_type"), dict(pool_kernel=1)),  # before pooling (session 3's modules)
-])
+@pytest.mark.parametrize(
+    "missing,legacy",
+    [
+        (
+            ("num_sink", "recent", "pool_kernel", "pool_type"),
+            dict(num_sink=0, pool_kernel=1),
+        ),  # before sinks were left out
+        (("pool_kernel", "pool_type"), dict(pool_kernel=1)),  # before pooling (session 3's modules)
+    ],
+)
 def test_checkpoint_from_before_a_setting_resumes_only_with_its_old_meaning(model, records, tmp_path, missing, legacy):
     make_trainer(model, records, tmp_path, **legacy).run(until=1)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
@@ -295,7 +322,11 @@ def test_report_replay_keeps_what_the_evicting_prefill_keeps(model, policy_name)
     from lookaheadkv_kernels.training.report import kept_positions, record_prefill
 
     options = {"module": LookaheadModule(model, n_lookahead=4, rank=2)} if policy_name == "lookaheadkv" else {}
-    policy = make_policy(policy_name, window=8, **options) if policy_name in ("snapkv", "pyramidkv") else make_policy(policy_name, **options)
+    policy = (
+        make_policy(policy_name, window=8, **options)
+        if policy_name in ("snapkv", "pyramidkv")
+        else make_policy(policy_name, **options)
+    )
     ids = random_prompts([60], seed=11)[0][None]
     expected = prefill_and_evict(model, ids, policy, 44).kept
     layers, next_logits = record_prefill(model, ids)
@@ -347,10 +378,35 @@ def test_train_command_end_to_end(tmp_path, monkeypatch):
     model.save_pretrained(tmp_path / "tiny")
     tokenizer.save_pretrained(tmp_path / "tiny")
     monkeypatch.setenv("LOOKAHEADKV_CACHE", str(tmp_path / "cache"))
-    args = ["train", "--model", str(tmp_path / "tiny"), "--out", str(tmp_path / "run"), "--device", "cpu",
-            "--train-samples", "3", "--val-samples", "1", "--min-tokens", "40", "--max-tokens", "60",
-            "--answer-tokens", "3", "--teacher-batch", "2", "--steps", "2", "--batch-size", "2",
-            "--n-lookahead", "4", "--rank", "2"]
+    args = [
+        "train",
+        "--model",
+        str(tmp_path / "tiny"),
+        "--out",
+        str(tmp_path / "run"),
+        "--device",
+        "cpu",
+        "--train-samples",
+        "3",
+        "--val-samples",
+        "1",
+        "--min-tokens",
+        "40",
+        "--max-tokens",
+        "60",
+        "--answer-tokens",
+        "3",
+        "--teacher-batch",
+        "2",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--n-lookahead",
+        "4",
+        "--rank",
+        "2",
+    ]
     assert main(args) == 0
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["command"].startswith("lookaheadkv train --model")
@@ -411,7 +467,9 @@ def test_report_kl_is_the_training_loss(model, records, tmp_path):
     assert row["kl"]["lookaheadkv"] == pytest.approx(float(loss), rel=2e-3)
 
 
-@pytest.mark.parametrize("bad", [dict(num_sink=-1), dict(recent=-2), dict(pool_kernel=4), dict(pool_kernel=0), dict(pool_type="median")])
+@pytest.mark.parametrize(
+    "bad", [dict(num_sink=-1), dict(recent=-2), dict(pool_kernel=4), dict(pool_kernel=0), dict(pool_type="median")]
+)
 def test_config_rejects_bad_loss_settings(bad):
     with pytest.raises(ValueError, match=next(iter(bad)).split("_")[0]):
         TrainConfig(**bad)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from op_testing import HAS_CUDA, assert_close
 
 import lookaheadkv_kernels as lk
 from lookaheadkv_kernels.backends import reference
-from op_testing import HAS_CUDA, assert_close
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -35,11 +35,11 @@ def attention_modules():
 
 # (B, Hq, Hkv, Tq, N, D, S, gqa_reduce, pool_kernel, pool_type); each runs with both query_reduce
 ATTENTION_PATHS = [
-    (1, 4, 2, 150, 150, 64, 140, "max", 3, "max"),   # Tq > rows per block: query chunks, per-head partials
-    (1, 16, 1, 12, 90, 32, 90, "mean", 5, "avg"),    # G·Tq > rows per block: head blocks
-    (1, 3, 1, 1, 300, 80, 290, "mean", 1, "max"),    # Tq = 1, G = 3, D not a power of two, several splits
-    (1, 2, 2, 3, 40, 8, 37, "max", 7, "avg"),        # D below the dot's minimum width
-    (2, 8, 2, 5, 60, 16, 60, "max", 1, "max"),       # G = 4, Tq = 5 (padded rows), direct unpooled write
+    (1, 4, 2, 150, 150, 64, 140, "max", 3, "max"),  # Tq > rows per block: query chunks, per-head partials
+    (1, 16, 1, 12, 90, 32, 90, "mean", 5, "avg"),  # G·Tq > rows per block: head blocks
+    (1, 3, 1, 1, 300, 80, 290, "mean", 1, "max"),  # Tq = 1, G = 3, D not a power of two, several splits
+    (1, 2, 2, 3, 40, 8, 37, "max", 7, "avg"),  # D below the dot's minimum width
+    (2, 8, 2, 5, 60, 16, 60, "max", 1, "max"),  # G = 4, Tq = 5 (padded rows), direct unpooled write
     (1, 2, 1, 140, 140, 16, 130, "mean", 1, "max"),  # query chunks, GQA mean, unpooled
 ]
 
@@ -52,11 +52,12 @@ def test_attention_paths_against_reference(case, dtype, query_reduce):
     q = randn(B, Hq, Tq, D, dtype=dtype, seed=1)
     k = randn(B, Hkv, N, D, dtype=dtype, seed=2)
     v = randn(B, Hkv, N, D, dtype=dtype, seed=3)
-    kwargs = dict(num_scored=S, gqa_reduce=reduce, pool_kernel=pool_kernel, pool_type=pool_type,
-                  query_reduce=query_reduce)
+    kwargs = dict(
+        num_scored=S, gqa_reduce=reduce, pool_kernel=pool_kernel, pool_type=pool_type, query_reduce=query_reduce
+    )
     ref_out, ref_scores = reference.lookahead_attention(
-        q.double().cpu(), k.double().cpu(), v.double().cpu(), S, D**-0.5, reduce, pool_kernel, pool_type,
-        query_reduce)
+        q.double().cpu(), k.double().cpu(), v.double().cpu(), S, D**-0.5, reduce, pool_kernel, pool_type, query_reduce
+    )
     out, scores = lk.lookahead_attention(q, k, v, backend="triton", **kwargs)
     alone = lk.attention_scores(q, k, backend="triton", **kwargs)
     torch.testing.assert_close(alone, scores, rtol=0, atol=0)
@@ -110,10 +111,12 @@ def test_nan_logits_make_their_rows_nan_like_the_reference(where, Tq, query_redu
         q[0, 1, 2, 5] = float("nan")  # one query row of head 1 (group 0)
     else:
         k[0, 1, N - 4, 0] = float("nan")  # a key seen only by the last queries of group 1
-    out, scores = lk.lookahead_attention(q, k, v, num_scored=N, gqa_reduce="max", query_reduce=query_reduce,
-                                         backend="triton")
+    out, scores = lk.lookahead_attention(
+        q, k, v, num_scored=N, gqa_reduce="max", query_reduce=query_reduce, backend="triton"
+    )
     ref_out, ref_scores = reference.lookahead_attention(
-        q.double().cpu(), k.double().cpu(), v.double().cpu(), N, D**-0.5, "max", 1, "max", query_reduce)
+        q.double().cpu(), k.double().cpu(), v.double().cpu(), N, D**-0.5, "max", 1, "max", query_reduce
+    )
     assert torch.equal(torch.isnan(scores.cpu()), torch.isnan(ref_scores))
     assert torch.equal(torch.isnan(out.cpu()), torch.isnan(ref_out))
     finite = ~torch.isnan(ref_scores)
@@ -123,8 +126,8 @@ def test_nan_logits_make_their_rows_nan_like_the_reference(where, Tq, query_redu
 
 # (T, hidden, num_heads, D, rank)
 QPROJ_PATHS = [
-    (70, 600, 3, 96, 16),   # several row blocks, split-K with a ragged last slice, D/2 not a power of 2
-    (2, 1000, 1, 16, 1),    # many slices, rank 1
+    (70, 600, 3, 96, 16),  # several row blocks, split-K with a ragged last slice, D/2 not a power of 2
+    (2, 1000, 1, 16, 1),  # many slices, rank 1
 ]
 
 
@@ -136,11 +139,24 @@ def test_qproj_paths_against_reference(case):
     bias, norm = randn(H * D, seed=9), 1 + 0.1 * randn(D, seed=10)
     lora_a, lora_b = randn(rank, hidden, seed=11, scale=hidden**-0.5), randn(H * D, rank, seed=12, scale=0.1)
     cos, sin = randn(T, D, seed=13).cos(), randn(T, D, seed=14).sin()
-    q = lk.lookahead_qproj(x, weight, cos, sin, H, bias=bias, lora_a=lora_a, lora_b=lora_b, lora_scale=2.0,
-                           norm_weight=norm, eps=1e-6, backend="triton")
+    q = lk.lookahead_qproj(
+        x,
+        weight,
+        cos,
+        sin,
+        H,
+        bias=bias,
+        lora_a=lora_a,
+        lora_b=lora_b,
+        lora_scale=2.0,
+        norm_weight=norm,
+        eps=1e-6,
+        backend="triton",
+    )
     d = lambda t: t.double().cpu()  # noqa: E731
-    expected = reference.lookahead_qproj(d(x), d(weight), d(bias), d(lora_a), d(lora_b), 2.0, d(cos), d(sin), H,
-                                         d(norm), 1e-6)
+    expected = reference.lookahead_qproj(
+        d(x), d(weight), d(bias), d(lora_a), d(lora_b), 2.0, d(cos), d(sin), H, d(norm), 1e-6
+    )
     assert_close(q, expected, rtol=2e-3, atol=2e-3, what="q")
 
 

@@ -39,8 +39,13 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 import lookaheadkv_kernels.backends.triton as backend  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-POINTER_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-                 torch.int64: "i64", torch.int32: "i32"}
+POINTER_TYPES = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.int64: "i64",
+    torch.int32: "i32",
+}
 
 
 class Launch:
@@ -109,8 +114,11 @@ def resource_usage(ptx: str) -> dict:
         text = subprocess.run(command, capture_output=True, text=True).stderr
     if "Used" not in text:
         raise RuntimeError(f"ptxas -v failed: {text}")
-    numbers = dict(registers=r"Used (\d+) registers", spill_stores=r"(\d+) bytes spill stores",
-                   spill_loads=r"(\d+) bytes spill loads")
+    numbers = dict(
+        registers=r"Used (\d+) registers",
+        spill_stores=r"(\d+) bytes spill stores",
+        spill_loads=r"(\d+) bytes spill loads",
+    )
     return {name: int(re.search(pattern, text).group(1)) for name, pattern in numbers.items()}
 
 
@@ -155,8 +163,11 @@ def drive_all(all_shapes: bool):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--all", action="store_true",
-                        help="every autotune config and the SmolLM2 shapes too (default: each launch's first config)")
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="every autotune config and the SmolLM2 shapes too (default: each launch's first config)",
+    )
     args = parser.parse_args()
     launches = record_launches(lambda: drive_all(args.all))
     spills_of, failures = {}, []  # variant -> spilled bytes
@@ -177,8 +188,11 @@ def main():
                     continue
                 usage = resource_usage(compiled.asm["ptx"])
                 spills_of[variant] = usage["spill_stores"] + usage["spill_loads"]
-                print(f"ok {what} regs={usage['registers']} smem={compiled.metadata.shared}"
-                      + (f" SPILLS {spills_of[variant]} bytes" if spills_of[variant] else ""), flush=True)
+                print(
+                    f"ok {what} regs={usage['registers']} smem={compiled.metadata.shared}"
+                    + (f" SPILLS {spills_of[variant]} bytes" if spills_of[variant] else ""),
+                    flush=True,
+                )
             spills.append(spills_of[variant])
         if spills and min(spills) > 0:
             failures.append(f"every config spills: {launch.describe()}")

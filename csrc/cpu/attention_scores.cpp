@@ -40,8 +40,8 @@
 namespace lookaheadkv::cpu {
 namespace {
 
-constexpr int64_t kKeyBlock = 16 * kTileRows;  // keys per block: 96, whole micro-tiles
-constexpr int64_t kMinChunkBlocks = 16;        // blocks per pass-1 work item (at least)
+constexpr int64_t kKeyBlock = 16 * kTileRows;               // keys per block: 96, whole micro-tiles
+constexpr int64_t kMinChunkBlocks = 16;                     // blocks per pass-1 work item (at least)
 constexpr int64_t kPartialBudgetBytes = int64_t(16) << 20;  // cap on lookahead_attention's partial outputs
 // Cap on pass 1's stored logits. Below glibc's largest dynamic mmap threshold (32 MiB): from the
 // second call on, the buffer comes from the heap instead of fresh pages, whose faults cost more
@@ -169,8 +169,8 @@ __attribute__((noinline)) void softmax_block(float* lt, int64_t rp, float* m, fl
 
 // Logits Lt[j][r] of block j0 for every row of the group (hidden keys not masked yet).
 template <class T>
-void block_logits(const T* kbase, int64_t k_n, int64_t j0, const AttentionArgs& a, const Geometry& g,
-                  const float* qt, Scratch& s) {
+void block_logits(const T* kbase, int64_t k_n, int64_t j0, const AttentionArgs& a, const Geometry& g, const float* qt,
+                  Scratch& s) {
   load_rows(kbase + j0 * k_n, k_n, std::min(kKeyBlock, a.N - j0), a.D, s.kf, a.D, kKeyBlock);
   gemm_lanes<false>(kKeyBlock, g.Rp, a.D, s.kf, a.D, 1, qt, g.Rp, s.lt, g.Rp, nullptr);
 }
@@ -235,10 +235,12 @@ void combine_group(const AttentionArgs& a, const Geometry& g, int64_t bg, const 
     const float* oc = part_o + c * osize;
     float weight[kLaneQuantum];
     for (int64_t r0 = 0; r0 < Rp; r0 += kLaneQuantum) {
-      for (int64_t u = 0; u < kLaneQuantum; ++u) weight[u] = exp_nonpositive(mc[r0 + u] - shift[r0 + u]) * inv_l[r0 + u];
+      for (int64_t u = 0; u < kLaneQuantum; ++u)
+        weight[u] = exp_nonpositive(mc[r0 + u] - shift[r0 + u]) * inv_l[r0 + u];
       for (int64_t d = 0; d < a.D; ++d)
         for (int64_t u = 0; u < kLaneQuantum; ++u)
-          acc[d * Rp + r0 + u] = c == 0 ? oc[d * Rp + r0 + u] * weight[u] : acc[d * Rp + r0 + u] + oc[d * Rp + r0 + u] * weight[u];
+          acc[d * Rp + r0 + u] =
+              c == 0 ? oc[d * Rp + r0 + u] * weight[u] : acc[d * Rp + r0 + u] + oc[d * Rp + r0 + u] * weight[u];
     }
   }
   const int64_t b = bg / a.Hkv, h = bg % a.Hkv;
@@ -378,7 +380,9 @@ void run(const AttentionArgs& a) {
     // Every thread runs every wave; the work-shared loops end in barriers.
     for (int64_t bg0 = 0; bg0 < g.BG; bg0 += g.wave) {
       const int64_t groups = std::min(g.wave, g.BG - bg0);
-      const auto group_store = [&](int64_t bg) { return g.store_logits ? logits.get() + (bg - bg0) * group_logits : nullptr; };
+      const auto group_store = [&](int64_t bg) {
+        return g.store_logits ? logits.get() + (bg - bg0) * group_logits : nullptr;
+      };
 
 #pragma omp for schedule(dynamic, 1)
       for (int64_t item = bg0 * g.nchunks; item < (bg0 + groups) * g.nchunks; ++item) {

@@ -12,7 +12,7 @@
 
 namespace lookaheadkv::cpu {
 
-constexpr int kTileRows = 6;     // broadcast rows per micro-tile
+constexpr int kTileRows = 6;          // broadcast rows per micro-tile
 constexpr int64_t kLaneQuantum = 16;  // the vector dimension is padded to a multiple of this
 
 // When kScaleInit, the accumulators start from C[u][w] * c_scale[w] (online-softmax rescale),

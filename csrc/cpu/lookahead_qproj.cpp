@@ -82,10 +82,18 @@ void gemv(int64_t rows, const MElem* m, int64_t m_row, int64_t K, const float* x
           int64_t ldo) {
   static_assert(kGemvMaxRows == 4, "dispatch below covers 1..4 rows");
   switch (T) {
-    case 1: dot_rows<1>(rows, m, m_row, K, x, ldx, out, ldo); break;
-    case 2: dot_rows<2>(rows, m, m_row, K, x, ldx, out, ldo); break;
-    case 3: dot_rows<3>(rows, m, m_row, K, x, ldx, out, ldo); break;
-    case 4: dot_rows<4>(rows, m, m_row, K, x, ldx, out, ldo); break;
+    case 1:
+      dot_rows<1>(rows, m, m_row, K, x, ldx, out, ldo);
+      break;
+    case 2:
+      dot_rows<2>(rows, m, m_row, K, x, ldx, out, ldo);
+      break;
+    case 3:
+      dot_rows<3>(rows, m, m_row, K, x, ldx, out, ldo);
+      break;
+    case 4:
+      dot_rows<4>(rows, m, m_row, K, x, ldx, out, ldo);
+      break;
   }
 }
 
@@ -110,9 +118,9 @@ void run(const QProjArgs& a) {
 #pragma omp parallel num_threads(threads)
   {
     float* wbuf = scratch.get() + scratch_floats * omp_get_thread_num();  // rows of W or A in fp32
-    float* qbuf = wbuf + wbuf_floats;                                      // [Dp][Tp] the head, q[o][t]
-    float* q = qbuf + round_up(Dp * Tp, 16);                               // [D] one row of the head
-    float* ones = q + round_up(D, 16);                                     // [Tp] rescale factors of 1
+    float* qbuf = wbuf + wbuf_floats;                                     // [Dp][Tp] the head, q[o][t]
+    float* q = qbuf + round_up(Dp * Tp, 16);                              // [D] one row of the head
+    float* ones = q + round_up(D, 16);                                    // [Tp] rescale factors of 1
     std::fill(ones, ones + Tp, 1.0f);
 
     if (use_gemv) {

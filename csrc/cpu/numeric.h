@@ -88,7 +88,7 @@ inline Half from_float<Half>(float f) {
 // x < -87.33 (results below ~1.18e-38, i.e. about FLT_MIN) it returns 0, far below any probability
 // that matters. x > 0 is outside the domain (it returns 1).
 inline float exp_nonpositive(float x) {
-  const float lo = -87.33f;  // exp(lo) > FLT_MIN: 2^n below stays a normal float
+  const float lo = -87.33f;    // exp(lo) > FLT_MIN: 2^n below stays a normal float
   float xc = x < lo ? lo : x;  // NaN passes through (the comparison is false) and stays NaN
   xc = xc > 0.0f ? 0.0f : xc;
   // t = x·log2(e) + (1.5·2^23 + 127): round to nearest n in the low mantissa bits of t, biased by

@@ -28,9 +28,9 @@ namespace {
 inline uint32_t score_key(float f) {
   uint32_t u = float_bits(f);
   const uint32_t magnitude = u & 0x7FFFFFFFu;
-  u &= 0u - uint32_t(magnitude != 0);                          // -0.0 -> +0.0
+  u &= 0u - uint32_t(magnitude != 0);                                   // -0.0 -> +0.0
   const uint32_t key = u ^ (uint32_t(int32_t(u) >> 31) | 0x80000000u);  // negative: ~u, else u | sign
-  return key & (0u - uint32_t(magnitude <= 0x7F800000u));      // NaN -> 0
+  return key & (0u - uint32_t(magnitude <= 0x7F800000u));               // NaN -> 0
 }
 
 struct Digit {
@@ -131,8 +131,8 @@ void for_each_at_least(const uint32_t* keys, int64_t count, uint32_t lo, const F
 // Appends to kept, ascending, position(i) for the candidates i < count (in position order) whose
 // key is above t.key, and for the first t.equal_quota of those equal to it. Returns the new m.
 template <class Position>
-int64_t emit_selected(const uint32_t* keys, int64_t count, const Threshold& t, const Position& position,
-                      int64_t* kept, int64_t m) {
+int64_t emit_selected(const uint32_t* keys, int64_t count, const Threshold& t, const Position& position, int64_t* kept,
+                      int64_t m) {
   int64_t quota = t.equal_quota;
   for_each_at_least(keys, count, t.key, [&](int64_t i) {
     if (keys[i] > t.key || quota-- > 0) kept[m++] = position(i);
@@ -172,8 +172,8 @@ int64_t kept_positions(const SelectArgs& a, const Row& row, RowScratch& s) {
       });
       if (passing >= n_pick) {
         const Threshold t = radix_select(s.pass_keys, passing, n_pick, s);
-        m = emit_selected(s.pass_keys, passing, t, [&](int64_t i) { return sink + int64_t(s.pass_pos[i]); },
-                          row.kept, m);
+        m = emit_selected(
+            s.pass_keys, passing, t, [&](int64_t i) { return sink + int64_t(s.pass_pos[i]); }, row.kept, m);
         selected = true;
       }
     }

@@ -18,19 +18,21 @@ using Stream = void*;  // a cudaStream_t, kept opaque so this header needs no CU
 // ---- lookahead_qproj (csrc/cuda/lookahead_qproj.cu) -------------------------------------------
 struct QprojArgs {
   DType dtype;
-  const void* x;  int64_t x_row_stride;   // [T, hidden]
-  const void* weight;  int64_t w_row_stride;  // [out_features, hidden]
-  const float* bias;       // [out_features] or null
-  const float* lora_a;     // [rank, hidden] or null
-  const float* lora_b;     // [out_features, rank] or null
+  const void* x;
+  int64_t x_row_stride;  // [T, hidden]
+  const void* weight;
+  int64_t w_row_stride;  // [out_features, hidden]
+  const float* bias;     // [out_features] or null
+  const float* lora_a;   // [rank, hidden] or null
+  const float* lora_b;   // [out_features, rank] or null
   int64_t rank;
   float lora_scale;
-  const float* cos;        // [T, head_dim]
-  const float* sin;        // [T, head_dim]
+  const float* cos;          // [T, head_dim]
+  const float* sin;          // [T, head_dim]
   const float* norm_weight;  // [head_dim] or null
   float eps;
   int64_t T, hidden, num_heads, head_dim;
-  void* out;               // [T, num_heads, head_dim], x's dtype, contiguous
+  void* out;  // [T, num_heads, head_dim], x's dtype, contiguous
 };
 size_t qproj_workspace_bytes(int64_t T, int64_t hidden, int64_t out_features, int64_t rank, int num_sms);
 void lookahead_qproj(const QprojArgs& a, void* workspace, int num_sms, Stream stream);
@@ -38,17 +40,20 @@ void lookahead_qproj(const QprojArgs& a, void* workspace, int num_sms, Stream st
 // ---- attention_scores / lookahead_attention (csrc/cuda/attention_scores.cu) --------------------
 struct AttentionArgs {
   DType dtype;
-  const void* q;  int64_t q_sb, q_sh, q_st;   // [B, Hq, Tq, D]
-  const void* k;  int64_t k_sb, k_sh, k_sn;   // [B, Hkv, N, D]
-  const void* v;  int64_t v_sb, v_sh, v_sn;   // like k; null for attention_scores
+  const void* q;
+  int64_t q_sb, q_sh, q_st;  // [B, Hq, Tq, D]
+  const void* k;
+  int64_t k_sb, k_sh, k_sn;  // [B, Hkv, N, D]
+  const void* v;
+  int64_t v_sb, v_sh, v_sn;  // like k; null for attention_scores
   int64_t B, Hq, Hkv, Tq, N, D, S;
   float scale;
-  bool gqa_max;      // gqa_reduce: false = mean, true = max
-  bool query_max;    // query_reduce: false = mean, true = max
+  bool gqa_max;    // gqa_reduce: false = mean, true = max
+  bool query_max;  // query_reduce: false = mean, true = max
   int64_t pool_kernel;
-  bool pool_avg;     // pool_type: false = max, true = avg
-  void* out;         // [B, Hq, Tq, D] q's dtype, contiguous; null for attention_scores
-  float* scores;     // [B, Hkv, S] float32, contiguous
+  bool pool_avg;  // pool_type: false = max, true = avg
+  void* out;      // [B, Hq, Tq, D] q's dtype, contiguous; null for attention_scores
+  float* scores;  // [B, Hkv, S] float32, contiguous
 };
 size_t attention_workspace_bytes(DType dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t Tq, int64_t N, int64_t D,
                                  int64_t S, bool with_out, int num_sms);
@@ -56,13 +61,17 @@ void attention(const AttentionArgs& a, void* workspace, int num_sms, Stream stre
 
 // ---- select_compact (csrc/cuda/select_compact.cu) ----------------------------------------------
 struct SelectArgs {
-  const float* scores;  int64_t s_sb, s_sh, s_ss;   // [B, Hkv, S], any strides
-  const void* k;  int64_t k_sb, k_sh, k_sn;         // [B, Hkv, N, D]
-  const void* v;  int64_t v_sb, v_sh, v_sn;
-  int64_t elem_size;                                 // bytes per K/V element (2 or 4)
+  const float* scores;
+  int64_t s_sb, s_sh, s_ss;  // [B, Hkv, S], any strides
+  const void* k;
+  int64_t k_sb, k_sh, k_sn;  // [B, Hkv, N, D]
+  const void* v;
+  int64_t v_sb, v_sh, v_sn;
+  int64_t elem_size;  // bytes per K/V element (2 or 4)
   int64_t B, Hkv, N, D, S, budget, num_sink;
-  void* k_out;  void* v_out;                         // [B, Hkv, M, D] contiguous, M = min(budget, N)
-  int64_t* kept;                                     // [B, Hkv, M]
+  void* k_out;
+  void* v_out;    // [B, Hkv, M, D] contiguous, M = min(budget, N)
+  int64_t* kept;  // [B, Hkv, M]
 };
 size_t select_workspace_bytes(int64_t B, int64_t Hkv, int64_t N, int64_t S, int64_t budget, int64_t num_sink);
 void select_compact(const SelectArgs& a, void* workspace, Stream stream);

@@ -65,19 +65,22 @@ struct Cfg {
 };
 
 struct Params {
-  const void* q;  int64_t q_sb, q_sh, q_st;
-  const void* k;  int64_t k_sb, k_sh, k_sn;
-  const void* v;  int64_t v_sb, v_sh, v_sn;
+  const void* q;
+  int64_t q_sb, q_sh, q_st;
+  const void* k;
+  int64_t k_sb, k_sh, k_sn;
+  const void* v;
+  int64_t v_sb, v_sh, v_sn;
   int B, Hq, Hkv, G, Tq, N, D, S;
-  float scale_log2;                          // scale · log2(e): logits in base-2 units
+  float scale_log2;  // scale · log2(e): logits in base-2 units
   int mtiles_per_head, heads_per_block, nseg;
-  int chunk_keys, key_end;                   // this pass's key chunks cover [0, key_end)
-  int stats_chunks;                          // the stats pass's chunk count (combined by pass 2)
-  bool q_vec, k_vec, v_vec;                  // rows 16-byte aligned: cp.async
-  bool query_max;                            // query_reduce: column max instead of column sum
-  float* ws_stats;                           // [B][Hq][Tq][stats_chunks][2]: (max, sum)
-  float* ws_col;                             // [B][Hq][nseg][S]: column sums (maxima) of P
-  float* ws_out;                             // [chunks][B][Hq][Tq][D]: P·V per chunk
+  int chunk_keys, key_end;   // this pass's key chunks cover [0, key_end)
+  int stats_chunks;          // the stats pass's chunk count (combined by pass 2)
+  bool q_vec, k_vec, v_vec;  // rows 16-byte aligned: cp.async
+  bool query_max;            // query_reduce: column max instead of column sum
+  float* ws_stats;           // [B][Hq][Tq][stats_chunks][2]: (max, sum)
+  float* ws_col;             // [B][Hq][nseg][S]: column sums (maxima) of P
+  float* ws_out;             // [chunks][B][Hq][Tq][D]: P·V per chunk
 };
 
 // Combines two partial column reductions of P over query rows: a sum (query_reduce = mean) or a
@@ -151,7 +154,8 @@ struct TileMath {  // bf16 / fp16: tensor cores
 #pragma unroll
     for (int kk = 0; kk < KS / 16; ++kk) {
       const uint32_t a[4] = {pack2<T>(p[2 * kk][0], p[2 * kk][1]), pack2<T>(p[2 * kk][2], p[2 * kk][3]),
-                             pack2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]), pack2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+                             pack2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]),
+                             pack2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
 #pragma unroll
       for (int dp = 0; dp < D_PAD / 16; ++dp) {
         uint32_t b[4];
@@ -250,8 +254,8 @@ __global__ void __launch_bounds__(Cfg<T, D_PAD>::kThreads, Cfg<T, D_PAD>::kMinBl
 
   unsigned char* smem_raw = dynamic_smem<unsigned char>();
   T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sK = reinterpret_cast<T*>(smem_raw + C::q_bytes());           // 2 stages
-  T* sV = sK + 2 * KT * kStride;                                      // 2 stages (output mode only)
+  T* sK = reinterpret_cast<T*>(smem_raw + C::q_bytes());  // 2 stages
+  T* sV = sK + 2 * KT * kStride;                          // 2 stages (output mode only)
   float* colsum = reinterpret_cast<float*>(smem_raw + C::q_bytes() + C::tile_bytes() * 2 * (kOut ? 2 : 1));
   float* row_m = colsum + C::kWarps * KT;
   float* row_il = row_m + C::kRows;
@@ -287,7 +291,8 @@ __global__ void __launch_bounds__(Cfg<T, D_PAD>::kThreads, Cfg<T, D_PAD>::kMinBl
         m = -INFINITY;
         for (int c = 0; c < p.stats_chunks; ++c) m = fmaxf(m, st[2 * c]);
         float l = 0.f;
-        for (int c = 0; c < p.stats_chunks; ++c) l = __fadd_rn(l, __fmul_rn(st[2 * c + 1], exp2f(__fsub_rn(st[2 * c], m))));
+        for (int c = 0; c < p.stats_chunks; ++c)
+          l = __fadd_rn(l, __fmul_rn(st[2 * c + 1], exp2f(__fsub_rn(st[2 * c], m))));
         // l >= 1 whenever it is finite (the row max contributes 2^0), so the fast reciprocal is
         // accurate to ~1 ulp here; the IEEE one would add a slow-path call to the kernel.
         il = __fdividef(1.f, l);
@@ -312,7 +317,7 @@ __global__ void __launch_bounds__(Cfg<T, D_PAD>::kThreads, Cfg<T, D_PAD>::kMinBl
   const int ntiles = (chunk_end - chunk_begin + KT - 1) / KT;
 
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};  // stats pass
-  float o[D_PAD / 8][4];                                             // output mode
+  float o[D_PAD / 8][4];                                           // output mode
   if constexpr (kOut) {
 #pragma unroll
     for (int dt = 0; dt < D_PAD / 8; ++dt)
@@ -321,15 +326,16 @@ __global__ void __launch_bounds__(Cfg<T, D_PAD>::kThreads, Cfg<T, D_PAD>::kMinBl
   }
 
   load_rows<T, D_PAD, KT, C::kThreads>(sK, kbase, p.k_sn, chunk_begin, p.N, p.D, p.k_vec, threadIdx.x);
-  if constexpr (kOut) load_rows<T, D_PAD, KT, C::kThreads>(sV, vbase, p.v_sn, chunk_begin, p.N, p.D, p.v_vec, threadIdx.x);
+  if constexpr (kOut)
+    load_rows<T, D_PAD, KT, C::kThreads>(sV, vbase, p.v_sn, chunk_begin, p.N, p.D, p.v_vec, threadIdx.x);
   cp_async_commit();
 
   for (int it = 0; it < ntiles; ++it) {
     const int key0 = chunk_begin + it * KT;
     const int stage = it & 1;
     if (it + 1 < ntiles) {
-      load_rows<T, D_PAD, KT, C::kThreads>(sK + (stage ^ 1) * KT * kStride, kbase, p.k_sn, key0 + KT, p.N, p.D,
-                                           p.k_vec, threadIdx.x);
+      load_rows<T, D_PAD, KT, C::kThreads>(sK + (stage ^ 1) * KT * kStride, kbase, p.k_sn, key0 + KT, p.N, p.D, p.k_vec,
+                                           threadIdx.x);
       if constexpr (kOut) {
         load_rows<T, D_PAD, KT, C::kThreads>(sV + (stage ^ 1) * KT * kStride, vbase, p.v_sn, key0 + KT, p.N, p.D,
                                              p.v_vec, threadIdx.x);
@@ -389,8 +395,9 @@ __global__ void __launch_bounds__(Cfg<T, D_PAD>::kThreads, Cfg<T, D_PAD>::kMinBl
             for (int e = 0; e < 4; ++e) {
               const int key = kb + nt * 8 + 2 * t + (e & 1);
               float& x = s[nt][e];
-              x = key <= last_visible[e >> 1] ? __fmul_rn(exp2f(__fsub_rn(__fmul_rn(x, p.scale_log2), m[e >> 1])), il[e >> 1])
-                                              : 0.f;
+              x = key <= last_visible[e >> 1]
+                      ? __fmul_rn(exp2f(__fsub_rn(__fmul_rn(x, p.scale_log2), m[e >> 1])), il[e >> 1])
+                      : 0.f;
             }
           // Column sums (maxima) over the warp's 16 rows: the pair (g, g+8) in-thread, then across
           // the 8 g.
@@ -471,11 +478,10 @@ constexpr int kFinalTile = 256;
 // scores[b, kvh, j] = pool_j( R_{heads of the group}( sum over segments of the column sum / Tq ) ),
 // or with query_max the max over segments of the column max (no division).
 // The divisions (by Tq, G, pool_kernel) are multiplications by reciprocals computed on the host.
-__global__ void __launch_bounds__(kFinalTile) scores_finalize_kernel(const float* __restrict__ ws_col, int Hq, int Hkv,
-                                                                     int G, int nseg, int S, bool query_max,
-                                                                     float inv_tq, float inv_g, bool gqa_max,
-                                                                     int pool_kernel, float inv_pool, bool pool_avg,
-                                                                     float* __restrict__ scores) {
+__global__ void __launch_bounds__(kFinalTile)
+    scores_finalize_kernel(const float* __restrict__ ws_col, int Hq, int Hkv, int G, int nseg, int S, bool query_max,
+                           float inv_tq, float inv_g, bool gqa_max, int pool_kernel, float inv_pool, bool pool_avg,
+                           float* __restrict__ scores) {
   float* raw = dynamic_smem<float>();  // kFinalTile + 2 * halo reduced scores
   const int row = blockIdx.y, b = row / Hkv, kvh = row % Hkv;
   const int halo = pool_kernel / 2, j0 = blockIdx.x * kFinalTile;
@@ -511,8 +517,8 @@ __global__ void __launch_bounds__(kFinalTile) scores_finalize_kernel(const float
 }
 
 template <typename T>
-__global__ void __launch_bounds__(256) out_combine_kernel(const float* __restrict__ ws_out, int chunks, int64_t total,
-                                                          T* __restrict__ out) {
+__global__ void __launch_bounds__(256)
+    out_combine_kernel(const float* __restrict__ ws_out, int chunks, int64_t total, T* __restrict__ out) {
   for (int64_t e = blockIdx.x * 256ll + threadIdx.x; e < total; e += static_cast<int64_t>(gridDim.x) * 256) {
     float s = ws_out[e];
     for (int c = 1; c < chunks; ++c) s += ws_out[c * total + e];
@@ -581,14 +587,30 @@ void run(const AttentionArgs& a, char* workspace, int num_sms, Stream stream) {
   const bool with_out = a.out != nullptr;
   const Plan plan = plan_for<T, D_PAD>(a, with_out, num_sms);
   Params p;
-  p.q = a.q; p.q_sb = a.q_sb; p.q_sh = a.q_sh; p.q_st = a.q_st;
-  p.k = a.k; p.k_sb = a.k_sb; p.k_sh = a.k_sh; p.k_sn = a.k_sn;
-  p.v = a.v; p.v_sb = a.v_sb; p.v_sh = a.v_sh; p.v_sn = a.v_sn;
-  p.B = static_cast<int>(a.B); p.Hq = static_cast<int>(a.Hq); p.Hkv = static_cast<int>(a.Hkv);
-  p.G = static_cast<int>(a.Hq / a.Hkv); p.Tq = static_cast<int>(a.Tq); p.N = static_cast<int>(a.N);
-  p.D = static_cast<int>(a.D); p.S = static_cast<int>(a.S);
+  p.q = a.q;
+  p.q_sb = a.q_sb;
+  p.q_sh = a.q_sh;
+  p.q_st = a.q_st;
+  p.k = a.k;
+  p.k_sb = a.k_sb;
+  p.k_sh = a.k_sh;
+  p.k_sn = a.k_sn;
+  p.v = a.v;
+  p.v_sb = a.v_sb;
+  p.v_sh = a.v_sh;
+  p.v_sn = a.v_sn;
+  p.B = static_cast<int>(a.B);
+  p.Hq = static_cast<int>(a.Hq);
+  p.Hkv = static_cast<int>(a.Hkv);
+  p.G = static_cast<int>(a.Hq / a.Hkv);
+  p.Tq = static_cast<int>(a.Tq);
+  p.N = static_cast<int>(a.N);
+  p.D = static_cast<int>(a.D);
+  p.S = static_cast<int>(a.S);
   p.scale_log2 = static_cast<float>(static_cast<double>(a.scale) * 1.4426950408889634);
-  p.mtiles_per_head = plan.mtiles_per_head; p.heads_per_block = plan.heads_per_block; p.nseg = plan.nseg;
+  p.mtiles_per_head = plan.mtiles_per_head;
+  p.heads_per_block = plan.heads_per_block;
+  p.nseg = plan.nseg;
   p.stats_chunks = plan.stats_chunks;
   p.query_max = a.query_max;
   const bool dim_vec = (a.D * sizeof(T)) % 16 == 0;
@@ -607,7 +629,8 @@ void run(const AttentionArgs& a, char* workspace, int num_sms, Stream stream) {
   p.chunk_keys = plan.main_chunk_keys;
   p.key_end = with_out ? p.N : p.S;
   if (with_out) {
-    launch_pass<T, D_PAD, kScoresOut>(p, plan.main_chunks, plan.rowblocks, rows, stream, "attention_kernel<scores+out>");
+    launch_pass<T, D_PAD, kScoresOut>(p, plan.main_chunks, plan.rowblocks, rows, stream,
+                                      "attention_kernel<scores+out>");
   } else {
     launch_pass<T, D_PAD, kScores>(p, plan.main_chunks, plan.rowblocks, rows, stream, "attention_kernel<scores>");
   }
@@ -621,7 +644,8 @@ void run(const AttentionArgs& a, char* workspace, int num_sms, Stream stream) {
 
   if (with_out) {
     const int64_t total = a.B * a.Hq * a.Tq * a.D;
-    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(total, 256), 8 * static_cast<int64_t>(num_sms)));
+    const unsigned blocks =
+        static_cast<unsigned>(std::min<int64_t>(ceil_div(total, 256), 8 * static_cast<int64_t>(num_sms)));
     launch("out_combine_kernel", out_combine_kernel<T>, blocks, 256, 0, stream, p.ws_out, plan.main_chunks, total,
            static_cast<T*>(a.out));
   }
@@ -650,14 +674,18 @@ void check_sizes(const AttentionArgs& a, int num_sms) {
   check_arg(a.D <= 256, "attention: head_dim must be <= 256");
   check_arg(a.B * a.Hkv <= 65535 && a.Hq <= 65535, "attention: B*Hkv and Hq must be <= 65535");
   check_arg(a.N < (int64_t{1} << 30), "attention: N must be < 2^30");
-  check_arg(a.pool_kernel >= 1 && a.pool_kernel % 2 == 1 && a.pool_kernel <= 4095, "attention: pool_kernel must be odd in [1, 4095]");
+  check_arg(a.pool_kernel >= 1 && a.pool_kernel % 2 == 1 && a.pool_kernel <= 4095,
+            "attention: pool_kernel must be odd in [1, 4095]");
 }
 
 Plan plan_any(const AttentionArgs& a, bool with_out, int num_sms) {
   switch (a.dtype) {
-    case DType::kFloat32: return plan_dtype<float>(a, with_out, num_sms);
-    case DType::kFloat16: return plan_dtype<__half>(a, with_out, num_sms);
-    case DType::kBFloat16: return plan_dtype<__nv_bfloat16>(a, with_out, num_sms);
+    case DType::kFloat32:
+      return plan_dtype<float>(a, with_out, num_sms);
+    case DType::kFloat16:
+      return plan_dtype<__half>(a, with_out, num_sms);
+    case DType::kBFloat16:
+      return plan_dtype<__nv_bfloat16>(a, with_out, num_sms);
   }
   throw std::invalid_argument("lookaheadkv native: unknown dtype");
 }
@@ -667,7 +695,15 @@ Plan plan_any(const AttentionArgs& a, bool with_out, int num_sms) {
 size_t attention_workspace_bytes(DType dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t Tq, int64_t N, int64_t D,
                                  int64_t S, bool with_out, int num_sms) {
   AttentionArgs a{};
-  a.dtype = dtype; a.B = B; a.Hq = Hq; a.Hkv = Hkv; a.Tq = Tq; a.N = N; a.D = D; a.S = S; a.pool_kernel = 1;
+  a.dtype = dtype;
+  a.B = B;
+  a.Hq = Hq;
+  a.Hkv = Hkv;
+  a.Tq = Tq;
+  a.N = N;
+  a.D = D;
+  a.S = S;
+  a.pool_kernel = 1;
   check_sizes(a, num_sms);
   return plan_any(a, with_out, num_sms).bytes;
 }
@@ -677,9 +713,15 @@ void attention(const AttentionArgs& a, void* workspace, int num_sms, Stream stre
   check_arg(a.scores != nullptr && (a.out == nullptr) == (a.v == nullptr), "attention: out and v go together");
   char* ws = static_cast<char*>(workspace);
   switch (a.dtype) {
-    case DType::kFloat32: run_dtype<float>(a, ws, num_sms, stream); break;
-    case DType::kFloat16: run_dtype<__half>(a, ws, num_sms, stream); break;
-    case DType::kBFloat16: run_dtype<__nv_bfloat16>(a, ws, num_sms, stream); break;
+    case DType::kFloat32:
+      run_dtype<float>(a, ws, num_sms, stream);
+      break;
+    case DType::kFloat16:
+      run_dtype<__half>(a, ws, num_sms, stream);
+      break;
+    case DType::kBFloat16:
+      run_dtype<__nv_bfloat16>(a, ws, num_sms, stream);
+      break;
   }
 }
 

@@ -18,17 +18,17 @@ namespace lookaheadkv {
 namespace cuda {
 namespace {
 
-constexpr int kWarps = 4;        // K slices per block
+constexpr int kWarps = 4;  // K slices per block
 constexpr int kThreads = kWarps * 32;
-constexpr int kRows = 64;        // output features per block: 4 m16 tiles
-constexpr int kTokens = 32;      // tokens per block: 4 n8 tiles
-constexpr int kChunk = 32;       // hidden elements per step of the tensor-core path (two k16 mmas)
-constexpr int kRedStride = kRows + 4;       // +4 floats: conflict-free fragment stores
-constexpr int kSimtK = 16;                  // hidden elements per staged step of the FMA path
-constexpr int kSimtStride = kSimtK + 4;     // +4 floats: conflict-free 16-byte fragment reads
+constexpr int kRows = 64;                // output features per block: 4 m16 tiles
+constexpr int kTokens = 32;              // tokens per block: 4 n8 tiles
+constexpr int kChunk = 32;               // hidden elements per step of the tensor-core path (two k16 mmas)
+constexpr int kRedStride = kRows + 4;    // +4 floats: conflict-free fragment stores
+constexpr int kSimtK = 16;               // hidden elements per staged step of the FMA path
+constexpr int kSimtStride = kSimtK + 4;  // +4 floats: conflict-free 16-byte fragment reads
 constexpr int kStageFloats = (kRows + kTokens) * kSimtStride;  // one warp's staged W and x tiles
 constexpr int kRedFloats = kWarps * kTokens * kRedStride;
-constexpr int kSmemFloats = kRedFloats > kWarps * kStageFloats ? kRedFloats : kWarps * kStageFloats;
+constexpr int kSmemFloats = kRedFloats > kWarps* kStageFloats ? kRedFloats : kWarps * kStageFloats;
 
 struct Plan {
   int64_t row_tiles, tok_tiles, kchunks, splits, chunks_per_warp;
@@ -101,10 +101,9 @@ union Vec16 {
 // k = 2t, 2t+1 map to elements 4s, 4s+1 and k = 2t+8, 2t+9 to elements 4s+2, 4s+3 of step s, for
 // both the A (W rows g, g+8) and the B (x row g) fragments.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) qproj_mma_kernel(const T* __restrict__ x, int64_t x_rs,
-                                                             const T* __restrict__ w, int64_t w_rs, int T_,
-                                                             int hidden, int out_features, int chunks_per_warp,
-                                                             float* __restrict__ partial) {
+__global__ void __launch_bounds__(kThreads)
+    qproj_mma_kernel(const T* __restrict__ x, int64_t x_rs, const T* __restrict__ w, int64_t w_rs, int T_, int hidden,
+                     int out_features, int chunks_per_warp, float* __restrict__ partial) {
   __shared__ __align__(16) float red[kRedFloats];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int row0 = blockIdx.x * kRows, tok0 = blockIdx.z * kTokens;
@@ -139,7 +138,8 @@ __global__ void __launch_bounds__(kThreads) qproj_mma_kernel(const T* __restrict
     for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh)
-        a[mt][hh].v = (kin && wok[mt][hh]) ? __ldg(reinterpret_cast<const uint4*>(wrow[mt][hh] + k)) : make_uint4(0, 0, 0, 0);
+        a[mt][hh].v =
+            (kin && wok[mt][hh]) ? __ldg(reinterpret_cast<const uint4*>(wrow[mt][hh] + k)) : make_uint4(0, 0, 0, 0);
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt)
       b[nt].v = (kin && xok[nt]) ? __ldg(reinterpret_cast<const uint4*>(xrow[nt] + k)) : make_uint4(0, 0, 0, 0);
@@ -159,10 +159,9 @@ __global__ void __launch_bounds__(kThreads) qproj_mma_kernel(const T* __restrict
 // (64 x 16) and x (32 x 16) tiles as fp32 in shared memory and computes the same fragment tile as
 // the tensor-core path, so the block reduction is shared.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) qproj_fma_kernel(const T* __restrict__ x, int64_t x_rs,
-                                                             const T* __restrict__ w, int64_t w_rs, int T_,
-                                                             int hidden, int out_features, int chunks_per_warp,
-                                                             float* __restrict__ partial) {
+__global__ void __launch_bounds__(kThreads)
+    qproj_fma_kernel(const T* __restrict__ x, int64_t x_rs, const T* __restrict__ w, int64_t w_rs, int T_, int hidden,
+                     int out_features, int chunks_per_warp, float* __restrict__ partial) {
   __shared__ __align__(16) float smem[kSmemFloats];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int row0 = blockIdx.x * kRows, tok0 = blockIdx.z * kTokens;
@@ -213,7 +212,8 @@ __global__ void __launch_bounds__(kThreads) qproj_fma_kernel(const T* __restrict
     }
   }
   __syncthreads();  // the reduction below reuses every warp's staging area
-  store_partial(acc, smem, row0, tok0, T_, out_features, partial + static_cast<int64_t>(blockIdx.y) * T_ * out_features);
+  store_partial(acc, smem, row0, tok0, T_, out_features,
+                partial + static_cast<int64_t>(blockIdx.y) * T_ * out_features);
 }
 
 // Deterministic sum over the 4 warps of a 128-thread block; every thread gets the total.
@@ -232,9 +232,9 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 
 // xa[t][j] = x[t]·A[j], one block per (t, j).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) qproj_lora_down_kernel(const T* __restrict__ x, int64_t x_rs,
-                                                                   const float* __restrict__ lora_a, int hidden,
-                                                                   int rank, float* __restrict__ xa) {
+__global__ void __launch_bounds__(kThreads)
+    qproj_lora_down_kernel(const T* __restrict__ x, int64_t x_rs, const float* __restrict__ lora_a, int hidden,
+                           int rank, float* __restrict__ xa) {
   __shared__ float scratch[kWarps];
   const int t = blockIdx.x, j = blockIdx.y;
   const T* xr = x + static_cast<int64_t>(t) * x_rs;
@@ -247,11 +247,11 @@ __global__ void __launch_bounds__(kThreads) qproj_lora_down_kernel(const T* __re
 
 // One block per (token, head): split sum, bias, LoRA up-projection, RMSNorm, RoPE, rounding.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) qproj_epilogue_kernel(
-    const float* __restrict__ partial, int splits, const float* __restrict__ bias, const float* __restrict__ xa,
-    const float* __restrict__ lora_b, int rank, float lora_scale, const float* __restrict__ norm_weight, float eps,
-    const float* __restrict__ cos, const float* __restrict__ sin, int T_, int num_heads, int head_dim,
-    T* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads)
+    qproj_epilogue_kernel(const float* __restrict__ partial, int splits, const float* __restrict__ bias,
+                          const float* __restrict__ xa, const float* __restrict__ lora_b, int rank, float lora_scale,
+                          const float* __restrict__ norm_weight, float eps, const float* __restrict__ cos,
+                          const float* __restrict__ sin, int T_, int num_heads, int head_dim, T* __restrict__ out) {
   float* qv = dynamic_smem<float>();  // the head's head_dim values
   __shared__ float scratch[kWarps];
   const int t = blockIdx.x, h = blockIdx.y;
@@ -301,19 +301,20 @@ void run(const QprojArgs& a, const Plan& p, char* workspace, Stream stream) {
   float* partial = reinterpret_cast<float*>(workspace + p.partial_offset);
   float* xa = reinterpret_cast<float*>(workspace + p.xa_offset);
 
-  const dim3 grid(static_cast<unsigned>(p.row_tiles), static_cast<unsigned>(p.splits), static_cast<unsigned>(p.tok_tiles));
+  const dim3 grid(static_cast<unsigned>(p.row_tiles), static_cast<unsigned>(p.splits),
+                  static_cast<unsigned>(p.tok_tiles));
   const bool tensor_cores = a.dtype != DType::kFloat32 && a.hidden % 8 == 0 &&
                             rows_aligned16(a.x, sizeof(T), {{a.T, a.x_row_stride}}) &&
                             rows_aligned16(a.weight, sizeof(T), {{out_features, a.w_row_stride}});
   if constexpr (!std::is_same<T, float>::value) {
     if (tensor_cores) {
-      launch("qproj_mma_kernel", qproj_mma_kernel<T>, grid, kThreads, 0, stream, x, a.x_row_stride, w,
-             a.w_row_stride, T_, hidden, out_features, static_cast<int>(p.chunks_per_warp), partial);
+      launch("qproj_mma_kernel", qproj_mma_kernel<T>, grid, kThreads, 0, stream, x, a.x_row_stride, w, a.w_row_stride,
+             T_, hidden, out_features, static_cast<int>(p.chunks_per_warp), partial);
     }
   }
   if (!tensor_cores) {
-    launch("qproj_fma_kernel", qproj_fma_kernel<T>, grid, kThreads, 0, stream, x, a.x_row_stride, w, a.w_row_stride,
-           T_, hidden, out_features, static_cast<int>(p.chunks_per_warp), partial);
+    launch("qproj_fma_kernel", qproj_fma_kernel<T>, grid, kThreads, 0, stream, x, a.x_row_stride, w, a.w_row_stride, T_,
+           hidden, out_features, static_cast<int>(p.chunks_per_warp), partial);
   }
   if (a.rank > 0) {
     launch("qproj_lora_down_kernel", qproj_lora_down_kernel<T>, dim3(T_, static_cast<unsigned>(a.rank)), kThreads, 0,
@@ -345,9 +346,15 @@ void lookahead_qproj(const QprojArgs& a, void* workspace, int num_sms, Stream st
   const Plan p = make_plan(a.T, a.hidden, out_features, a.rank, num_sms);
   char* ws = static_cast<char*>(workspace);
   switch (a.dtype) {
-    case DType::kFloat32: run<float>(a, p, ws, stream); break;
-    case DType::kFloat16: run<__half>(a, p, ws, stream); break;
-    case DType::kBFloat16: run<__nv_bfloat16>(a, p, ws, stream); break;
+    case DType::kFloat32:
+      run<float>(a, p, ws, stream);
+      break;
+    case DType::kFloat16:
+      run<__half>(a, p, ws, stream);
+      break;
+    case DType::kBFloat16:
+      run<__nv_bfloat16>(a, p, ws, stream);
+      break;
   }
 }
 

@@ -23,12 +23,12 @@ namespace lookaheadkv {
 namespace cuda {
 namespace {
 
-constexpr int kItems = 16;                       // positions per thread per tile
-constexpr int kTileThreads = 256;                // long-row blocks
-constexpr int kTile = kTileThreads * kItems;     // 4096 positions
-constexpr int kRowThreads = 512;                 // short-row blocks (one per row)
+constexpr int kItems = 16;                    // positions per thread per tile
+constexpr int kTileThreads = 256;             // long-row blocks
+constexpr int kTile = kTileThreads * kItems;  // 4096 positions
+constexpr int kRowThreads = 512;              // short-row blocks (one per row)
 constexpr int kRowCapacity = kRowThreads * kItems;
-constexpr uint32_t kNoKey = 0xffffffffu;         // tau when nothing is picked (no key reaches it)
+constexpr uint32_t kNoKey = 0xffffffffu;  // tau when nothing is picked (no key reaches it)
 
 struct RowState {  // long path, per row; zeroed before the first histogram pass
   uint32_t hist[256];
@@ -36,13 +36,17 @@ struct RowState {  // long path, per row; zeroed before the first histogram pass
 };
 
 struct Geometry {
-  const float* scores;  int64_t s_sb, s_sh, s_ss;           // elements
-  const unsigned char* k;  int64_t k_sb, k_sh, k_sn;        // bytes
-  const unsigned char* v;  int64_t v_sb, v_sh, v_sn;        // bytes
-  int Hkv, N, S, M, sinks, pick;                             // sinks = min(num_sink, S); pick = M - sinks - (N - S)
+  const float* scores;
+  int64_t s_sb, s_sh, s_ss;  // elements
+  const unsigned char* k;
+  int64_t k_sb, k_sh, k_sn;  // bytes
+  const unsigned char* v;
+  int64_t v_sb, v_sh, v_sn;       // bytes
+  int Hkv, N, S, M, sinks, pick;  // sinks = min(num_sink, S); pick = M - sinks - (N - S)
   int row_bytes, elem_size, D;
   bool k_vec, v_vec, keep_all;
-  unsigned char* k_out;  unsigned char* v_out;
+  unsigned char* k_out;
+  unsigned char* v_out;
   int64_t* kept;
 };
 
@@ -86,9 +90,11 @@ __device__ __forceinline__ void copy_row(const unsigned char* src, unsigned char
       *reinterpret_cast<uint4*>(dst + off) = __ldg(reinterpret_cast<const uint4*>(src + off));
     }
   } else if (g.elem_size == 4) {
-    for (int e = lane; e < g.D; e += 32) reinterpret_cast<uint32_t*>(dst)[e] = reinterpret_cast<const uint32_t*>(src)[e];
+    for (int e = lane; e < g.D; e += 32)
+      reinterpret_cast<uint32_t*>(dst)[e] = reinterpret_cast<const uint32_t*>(src)[e];
   } else {
-    for (int e = lane; e < g.D; e += 32) reinterpret_cast<uint16_t*>(dst)[e] = reinterpret_cast<const uint16_t*>(src)[e];
+    for (int e = lane; e < g.D; e += 32)
+      reinterpret_cast<uint16_t*>(dst)[e] = reinterpret_cast<const uint16_t*>(src)[e];
   }
 }
 
@@ -248,8 +254,8 @@ __device__ __forceinline__ void threshold(const Geometry& g, const RowState* sta
 }
 
 // Long rows: (greater, equal) candidate counts of each 4096-position tile.
-__global__ void __launch_bounds__(kTileThreads) select_count_kernel(const Geometry g, const RowState* states,
-                                                                    uint32_t* tile_counts) {
+__global__ void __launch_bounds__(kTileThreads)
+    select_count_kernel(const Geometry g, const RowState* states, uint32_t* tile_counts) {
   __shared__ uint32_t scratch[kTileThreads / 32 + 1];
   const int row = blockIdx.y;
   uint32_t tau, take_eq;
@@ -269,8 +275,8 @@ __global__ void __launch_bounds__(kTileThreads) select_count_kernel(const Geomet
 }
 
 // Long rows (and budget >= N): compaction and gather of one tile.
-__global__ void __launch_bounds__(kTileThreads) select_compact_kernel(const Geometry g, const RowState* states,
-                                                                      const uint32_t* tile_counts) {
+__global__ void __launch_bounds__(kTileThreads)
+    select_compact_kernel(const Geometry g, const RowState* states, const uint32_t* tile_counts) {
   __shared__ uint32_t scratch[kTileThreads / 32 + 1];
   const int row = blockIdx.y;
   uint32_t tau = kNoKey, take_eq = 0, before_gt = 0, before_eq = 0;
@@ -326,20 +332,34 @@ void select_compact(const SelectArgs& a, void* workspace, Stream stream) {
   uint32_t* tile_counts = reinterpret_cast<uint32_t*>(ws + l.counts_offset);
 
   Geometry g;
-  g.scores = a.scores; g.s_sb = a.s_sb; g.s_sh = a.s_sh; g.s_ss = a.s_ss;
+  g.scores = a.scores;
+  g.s_sb = a.s_sb;
+  g.s_sh = a.s_sh;
+  g.s_ss = a.s_ss;
   const int64_t es = a.elem_size;
-  g.k = static_cast<const unsigned char*>(a.k); g.k_sb = a.k_sb * es; g.k_sh = a.k_sh * es; g.k_sn = a.k_sn * es;
-  g.v = static_cast<const unsigned char*>(a.v); g.v_sb = a.v_sb * es; g.v_sh = a.v_sh * es; g.v_sn = a.v_sn * es;
-  g.Hkv = static_cast<int>(a.Hkv); g.N = static_cast<int>(a.N); g.S = static_cast<int>(a.S);
+  g.k = static_cast<const unsigned char*>(a.k);
+  g.k_sb = a.k_sb * es;
+  g.k_sh = a.k_sh * es;
+  g.k_sn = a.k_sn * es;
+  g.v = static_cast<const unsigned char*>(a.v);
+  g.v_sb = a.v_sb * es;
+  g.v_sh = a.v_sh * es;
+  g.v_sn = a.v_sn * es;
+  g.Hkv = static_cast<int>(a.Hkv);
+  g.N = static_cast<int>(a.N);
+  g.S = static_cast<int>(a.S);
   g.keep_all = a.budget >= a.N;
   g.M = static_cast<int>(std::min(a.budget, a.N));
   g.sinks = static_cast<int>(std::min(a.num_sink, a.S));
   g.pick = g.keep_all ? 0 : g.M - g.sinks - (g.N - g.S);
-  g.D = static_cast<int>(a.D); g.elem_size = static_cast<int>(es); g.row_bytes = static_cast<int>(a.D * es);
+  g.D = static_cast<int>(a.D);
+  g.elem_size = static_cast<int>(es);
+  g.row_bytes = static_cast<int>(a.D * es);
   const bool row_vec = g.row_bytes % 16 == 0 && aligned16(a.k_out) && aligned16(a.v_out);
   g.k_vec = row_vec && rows_aligned16(a.k, 1, {{a.B, g.k_sb}, {a.Hkv, g.k_sh}, {a.N, g.k_sn}});
   g.v_vec = row_vec && rows_aligned16(a.v, 1, {{a.B, g.v_sb}, {a.Hkv, g.v_sh}, {a.N, g.v_sn}});
-  g.k_out = static_cast<unsigned char*>(a.k_out); g.v_out = static_cast<unsigned char*>(a.v_out);
+  g.k_out = static_cast<unsigned char*>(a.k_out);
+  g.v_out = static_cast<unsigned char*>(a.v_out);
   g.kept = a.kept;
 
   const unsigned rows = static_cast<unsigned>(l.rows), tiles = static_cast<unsigned>(l.tiles);
@@ -354,7 +374,8 @@ void select_compact(const SelectArgs& a, void* workspace, Stream stream) {
       memset_async(states, 0, sizeof(RowState) * l.rows, stream);
       const unsigned cand_tiles = static_cast<unsigned>(ceil_div(g.S - g.sinks, kTile));
       for (int pass = 0; pass < 4; ++pass) {
-        launch("select_hist_kernel", select_hist_kernel, dim3(cand_tiles, rows), kTileThreads, 0, stream, g, states, pass);
+        launch("select_hist_kernel", select_hist_kernel, dim3(cand_tiles, rows), kTileThreads, 0, stream, g, states,
+               pass);
       }
     }
     launch("select_count_kernel", select_count_kernel, dim3(tiles, rows), kTileThreads, 0, stream, g, states,

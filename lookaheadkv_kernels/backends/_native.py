@@ -7,7 +7,7 @@ torch.Tensor, so they need no libtorch and one build serves every torch version.
 from __future__ import annotations
 
 import importlib
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -15,7 +15,7 @@ import torch
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load(name: str):
     try:
         return importlib.import_module(f"lookaheadkv_kernels.{name}"), None

@@ -37,9 +37,26 @@ def lookahead_qproj(x, weight, bias, lora_a, lora_b, lora_scale, cos, sin, num_h
     head_dim = weight.shape[0] // num_heads
     out = torch.empty(T, num_heads, head_dim, dtype=x.dtype, device=x.device)
     native_module(_MODULE).lookahead_qproj(
-        ptr(x), x.stride(0), ptr(weight), weight.stride(0), ptr(bias), ptr(lora_a), ptr(lora_b),
-        0 if lora_a is None else lora_a.shape[0], float(lora_scale), ptr(cos), ptr(sin), ptr(norm_weight),
-        float(eps), ptr(out), dtype_code(x), T, hidden, num_heads, head_dim, torch.get_num_threads(),
+        ptr(x),
+        x.stride(0),
+        ptr(weight),
+        weight.stride(0),
+        ptr(bias),
+        ptr(lora_a),
+        ptr(lora_b),
+        0 if lora_a is None else lora_a.shape[0],
+        float(lora_scale),
+        ptr(cos),
+        ptr(sin),
+        ptr(norm_weight),
+        float(eps),
+        ptr(out),
+        dtype_code(x),
+        T,
+        hidden,
+        num_heads,
+        head_dim,
+        torch.get_num_threads(),
     )
     return out
 
@@ -53,9 +70,28 @@ def _attention(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type, q
     out = None if v is None else torch.empty(B, Hq, Tq, D, dtype=q.dtype, device=q.device)
     v_strides = (0, 0, 0) if v is None else v.stride()[:3]
     native_module(_MODULE).attention(
-        ptr(q), *q.stride()[:3], ptr(k), *k.stride()[:3], ptr(v), *v_strides, dtype_code(q), ptr(out), ptr(scores),
-        B, Hq, Hkv, Tq, N, D, num_scored, float(scale), gqa_reduce == "max", query_reduce == "max", pool_kernel,
-        pool_type == "max", torch.get_num_threads(),
+        ptr(q),
+        *q.stride()[:3],
+        ptr(k),
+        *k.stride()[:3],
+        ptr(v),
+        *v_strides,
+        dtype_code(q),
+        ptr(out),
+        ptr(scores),
+        B,
+        Hq,
+        Hkv,
+        Tq,
+        N,
+        D,
+        num_scored,
+        float(scale),
+        gqa_reduce == "max",
+        query_reduce == "max",
+        pool_kernel,
+        pool_type == "max",
+        torch.get_num_threads(),
     )
     return scores, out
 
@@ -82,7 +118,23 @@ def select_compact(scores, k, v, budget, num_sink):
     v_out = torch.empty(B, Hkv, M, D, dtype=k.dtype, device=k.device)
     kept = torch.empty(B, Hkv, M, dtype=torch.int64, device=k.device)
     native_module(_MODULE).select_compact(
-        ptr(scores), *scores.stride(), ptr(k), *k.stride()[:3], ptr(v), *v.stride()[:3], k.element_size(),
-        ptr(k_out), ptr(v_out), ptr(kept), B, Hkv, N, D, S, budget, num_sink, torch.get_num_threads(),
+        ptr(scores),
+        *scores.stride(),
+        ptr(k),
+        *k.stride()[:3],
+        ptr(v),
+        *v.stride()[:3],
+        k.element_size(),
+        ptr(k_out),
+        ptr(v_out),
+        ptr(kept),
+        B,
+        Hkv,
+        N,
+        D,
+        S,
+        budget,
+        num_sink,
+        torch.get_num_threads(),
     )
     return k_out, v_out, kept

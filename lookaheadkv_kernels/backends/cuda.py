@@ -12,7 +12,7 @@ parameters and select_compact's scores float32.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -44,7 +44,7 @@ class Launch:
         return torch.empty(shape, dtype=dtype, device=device)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -63,9 +63,28 @@ def run_lookahead_qproj(launch, x, weight, bias, lora_a, lora_b, lora_scale, cos
         (launch.module.qproj_workspace_bytes(T, hidden, out_features, rank, launch.num_sms),), torch.uint8, x.device
     )
     launch.module.lookahead_qproj(
-        dtype_code(x), ptr(x), x.stride(0), ptr(weight), weight.stride(0), ptr(bias), ptr(lora_a), ptr(lora_b), rank,
-        float(lora_scale), ptr(cos), ptr(sin), T, hidden, num_heads, head_dim, ptr(norm_weight), float(eps), ptr(out),
-        ptr(workspace), launch.num_sms, launch.stream,
+        dtype_code(x),
+        ptr(x),
+        x.stride(0),
+        ptr(weight),
+        weight.stride(0),
+        ptr(bias),
+        ptr(lora_a),
+        ptr(lora_b),
+        rank,
+        float(lora_scale),
+        ptr(cos),
+        ptr(sin),
+        T,
+        hidden,
+        num_heads,
+        head_dim,
+        ptr(norm_weight),
+        float(eps),
+        ptr(out),
+        ptr(workspace),
+        launch.num_sms,
+        launch.stream,
     )
     return out
 
@@ -83,9 +102,30 @@ def run_attention(launch, q, k, v, num_scored, scale, gqa_reduce, pool_kernel, p
     workspace = launch.empty((workspace_bytes,), torch.uint8, q.device)
     v_strides = v.stride()[:3] if with_out else (0, 0, 0)
     launch.module.attention(
-        dtype_code(q), ptr(q), *q.stride()[:3], ptr(k), *k.stride()[:3], ptr(v), *v_strides, B, Hq, Hkv, Tq, N, D,
-        num_scored, float(scale), gqa_reduce == "max", query_reduce == "max", pool_kernel, pool_type == "avg", ptr(out), ptr(scores),
-        ptr(workspace), launch.num_sms, launch.stream,
+        dtype_code(q),
+        ptr(q),
+        *q.stride()[:3],
+        ptr(k),
+        *k.stride()[:3],
+        ptr(v),
+        *v_strides,
+        B,
+        Hq,
+        Hkv,
+        Tq,
+        N,
+        D,
+        num_scored,
+        float(scale),
+        gqa_reduce == "max",
+        query_reduce == "max",
+        pool_kernel,
+        pool_type == "avg",
+        ptr(out),
+        ptr(scores),
+        ptr(workspace),
+        launch.num_sms,
+        launch.stream,
     )
     return out, scores
 
@@ -101,13 +141,31 @@ def run_select_compact(launch, scores, k, v, budget, num_sink):
         (launch.module.select_workspace_bytes(B, Hkv, N, S, budget, num_sink),), torch.uint8, k.device
     )
     launch.module.select_compact(
-        ptr(scores), *scores.stride(), ptr(k), *k.stride()[:3], ptr(v), *v.stride()[:3], k.element_size(), B, Hkv, N,
-        D, S, budget, num_sink, ptr(k_out), ptr(v_out), ptr(kept), ptr(workspace), launch.stream,
+        ptr(scores),
+        *scores.stride(),
+        ptr(k),
+        *k.stride()[:3],
+        ptr(v),
+        *v.stride()[:3],
+        k.element_size(),
+        B,
+        Hkv,
+        N,
+        D,
+        S,
+        budget,
+        num_sink,
+        ptr(k_out),
+        ptr(v_out),
+        ptr(kept),
+        ptr(workspace),
+        launch.stream,
     )
     return k_out, v_out, kept
 
 
 # ---- the backend interface: run on the inputs' device and its current stream --------------------
+
 
 def lookahead_qproj(x, weight, bias, lora_a, lora_b, lora_scale, cos, sin, num_heads, norm_weight, eps):
     with torch.cuda.device(x.device):

@@ -106,9 +106,7 @@ def kept_positions(scores, num_keys, budget, num_sink):
     order = torch.sort(candidates.masked_fill(is_nan, 0.0), dim=-1, descending=True, stable=True).indices
     nan_last = torch.sort(is_nan.gather(-1, order).to(torch.uint8), dim=-1, stable=True).indices
     chosen = order.gather(-1, nan_last)[..., :n_pick] + sink
-    protected = torch.cat(
-        (torch.arange(sink, device=device), torch.arange(S, N, device=device))
-    ).expand(B, Hkv, -1)
+    protected = torch.cat((torch.arange(sink, device=device), torch.arange(S, N, device=device))).expand(B, Hkv, -1)
     return torch.sort(torch.cat((protected, chosen), dim=-1), dim=-1).values
 
 

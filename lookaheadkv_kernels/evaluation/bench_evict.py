@@ -68,7 +68,7 @@ def bench_length(model, tokenizer, length, policies, module, budget, repeats, ma
     stats = {}
     _ttft(model, ids[:, : min(num_prompt, 256)], "snapkv", num_prompt, max_new_tokens)  # warm-up
     for repeat in range(repeats):
-        order = names[repeat % len(names):] + names[: repeat % len(names)]
+        order = names[repeat % len(names) :] + names[: repeat % len(names)]
         for name in order:
             policy, policy_budget = ("snapkv", num_prompt) if name == PLAIN else (built[name], budget)
             seconds, stat, _ = _ttft(model, ids, policy, policy_budget, max_new_tokens)
@@ -92,16 +92,23 @@ def bench_length(model, tokenizer, length, policies, module, budget, repeats, ma
     for name in names:
         ttft = statistics.median(times[name])
         stat = stats[name]
-        rows.append({
-            "length": length, "prompt_tokens": num_prompt, "policy": name, "budget": None if name == PLAIN else budget,
-            "ttft_ms": 1000 * ttft, "ttft_runs_ms": [round(1000 * t, 1) for t in times[name]],
-            "overhead_ms": None if name == PLAIN else 1000 * (ttft - plain),
-            "overhead_percent": None if name == PLAIN else 100 * (ttft - plain) / plain,
-            "eviction_work_ms": None if name == PLAIN else 1000 * work[name],
-            "eviction_work_percent": None if name == PLAIN else 100 * work[name] / plain,
-            "peak_kv_bytes": stat.peak_cache_bytes, "kept_kv_bytes": _kept_bytes(stat, model),
-            "peak_device_bytes": stat.peak_device_bytes,
-        })
+        rows.append(
+            {
+                "length": length,
+                "prompt_tokens": num_prompt,
+                "policy": name,
+                "budget": None if name == PLAIN else budget,
+                "ttft_ms": 1000 * ttft,
+                "ttft_runs_ms": [round(1000 * t, 1) for t in times[name]],
+                "overhead_ms": None if name == PLAIN else 1000 * (ttft - plain),
+                "overhead_percent": None if name == PLAIN else 100 * (ttft - plain) / plain,
+                "eviction_work_ms": None if name == PLAIN else 1000 * work[name],
+                "eviction_work_percent": None if name == PLAIN else 100 * work[name] / plain,
+                "peak_kv_bytes": stat.peak_cache_bytes,
+                "kept_kv_bytes": _kept_bytes(stat, model),
+                "peak_device_bytes": stat.peak_device_bytes,
+            }
+        )
     for row in rows:
         for key in ("overhead_ms", "eviction_work_ms"):
             la = next((r[key] for r in rows if r["policy"] == "lookaheadkv"), None)
@@ -138,8 +145,12 @@ def markdown(rows, meta) -> str:
             f"{_fmt(r['eviction_work_ratio_to_lookaheadkv'])} | {r['peak_kv_bytes'] / 2**20:.1f} | "
             f"{r['kept_kv_bytes'] / 2**20:.2f} |"
         )
-    lines += ["", "Targets (on the isolated eviction work, and on the TTFT overhead; a TTFT overhead smaller than "
-              "the plain prefill's run-to-run spread is noise, and no ratio is taken with it):", ""]
+    lines += [
+        "",
+        "Targets (on the isolated eviction work, and on the TTFT overhead; a TTFT overhead smaller than "
+        "the plain prefill's run-to-run spread is noise, and no ratio is taken with it):",
+        "",
+    ]
     for length in sorted({r["length"] for r in rows}):
         by = {r["policy"]: r for r in rows if r["length"] == length}
         if "lookaheadkv" not in by:
@@ -150,19 +161,25 @@ def markdown(rows, meta) -> str:
             la = by["lookaheadkv"][key]
             floor = spread if key == "overhead_ms" else 0.0
             if la is None or la <= floor:
-                lines.append(f"- {length} tokens, {label}: LookaheadKV's {_fmt(la, '+.0f')} ms is within the plain "
-                             f"prefill's run-to-run spread ({spread:.0f} ms): no ratio")
+                lines.append(
+                    f"- {length} tokens, {label}: LookaheadKV's {_fmt(la, '+.0f')} ms is within the plain "
+                    f"prefill's run-to-run spread ({spread:.0f} ms): no ratio"
+                )
                 continue
             checks = []
             if "snapkv" in by and by["snapkv"][key] is not None and by["snapkv"][key] > floor:
                 ratio = la / by["snapkv"][key]
-                checks.append(f"LookaheadKV/SnapKV {ratio:.2f}× ({'met' if ratio <= TARGET_VS_SNAPKV else 'not met'}, ≤ 2×)")
+                checks.append(
+                    f"LookaheadKV/SnapKV {ratio:.2f}× ({'met' if ratio <= TARGET_VS_SNAPKV else 'not met'}, ≤ 2×)"
+                )
             elif "snapkv" in by:
                 checks.append("SnapKV's overhead is within the spread: no LookaheadKV/SnapKV ratio")
             for name in ("laq", "speckv"):
                 if name in by:
                     ratio = by[name][key] / la
-                    checks.append(f"{name}/LookaheadKV {ratio:.1f}× ({'met' if ratio >= TARGET_DRAFT_RATIO else 'not met'}, ≥ 15×)")
+                    checks.append(
+                        f"{name}/LookaheadKV {ratio:.1f}× ({'met' if ratio >= TARGET_DRAFT_RATIO else 'not met'}, ≥ 15×)"
+                    )
             lines.append(f"- {length} tokens, {label}: " + "; ".join(checks))
     return "\n".join(lines) + "\n"
 
@@ -173,14 +190,23 @@ def _parser():
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--module", default=None, help="lookahead module directory (default: the shipped one)")
     parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="float32 (CPU default) or bfloat16 (CUDA default)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=("float32", "float16", "bfloat16"),
+        help="float32 (CPU default) or bfloat16 (CUDA default)",
+    )
     parser.add_argument("--lengths", default=None, help="prompt lengths (default 1024,2048,4096,8192)")
     parser.add_argument("--policies", default=DEFAULT_POLICIES)
     parser.add_argument("--budget", type=positive_int, default=128, help="KV entries kept per layer and head")
     parser.add_argument("--repeats", type=positive_int, default=None, help="timed runs per policy (default 3)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=32, help="answer length drafting policies plan for")
+    parser.add_argument(
+        "--max-new-tokens", type=positive_int, default=32, help="answer length drafting policies plan for"
+    )
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
-    parser.add_argument("--name", default=None, help="results: <out>/bench_evict_<name>.{json,md} (default: the device type)")
+    parser.add_argument(
+        "--name", default=None, help="results: <out>/bench_evict_<name>.{json,md} (default: the device type)"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     return parser
 
@@ -189,12 +215,17 @@ def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     lengths = parse_option(
-        parser, "--lengths", int_list(MIN_LENGTH), args.lengths or ("1024,2048" if args.quick else "1024,2048,4096,8192")
+        parser,
+        "--lengths",
+        int_list(MIN_LENGTH),
+        args.lengths or ("1024,2048" if args.quick else "1024,2048,4096,8192"),
     )
     repeats = args.repeats or (2 if args.quick else 3)
     policies = [p for p in parse_option(parser, "--policies", parse_policies, args.policies) if p != "full"]
     if any(p.startswith("kvpress-") for p in policies):
-        parser.error("argument --policies: bench-evict times the runtime's policies; kvpress peers are compared by `lookaheadkv eval`")
+        parser.error(
+            "argument --policies: bench-evict times the runtime's policies; kvpress peers are compared by `lookaheadkv eval`"
+        )
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
@@ -219,13 +250,18 @@ def main(argv=None) -> int:
     meta = {
         "command": "lookaheadkv bench-evict " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.machine()}",
-        "dtype": str(dtype), "threads": torch.get_num_threads(), "budget": args.budget, "repeats": repeats,
+        "dtype": str(dtype),
+        "threads": torch.get_num_threads(),
+        "budget": args.budget,
+        "repeats": repeats,
         "module": str(module_dir) if module_dir else None,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for length in lengths:  # results are rewritten after every length, so a stopped run keeps what it measured
-        rows += bench_length(model, tokenizer, length, policies, module, args.budget, repeats, args.max_new_tokens, progress)
+        rows += bench_length(
+            model, tokenizer, length, policies, module, args.budget, repeats, args.max_new_tokens, progress
+        )
         (args.out / f"bench_evict_{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
         table = markdown(rows, meta)
         (args.out / f"bench_evict_{name}.md").write_text(table)

@@ -28,12 +28,20 @@ CUSTOM_MAX_NEW_TOKENS = 48  # answer length for --prompt-file (the built-in samp
 
 def _parser():
     parser = argparse.ArgumentParser(prog="lookaheadkv demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--prompt-file", type=existing_file, default=None, help="a text file to ask about (default: built-in)")
+    parser.add_argument(
+        "--prompt-file", type=existing_file, default=None, help="a text file to ask about (default: built-in)"
+    )
     parser.add_argument("--question", default=None, help="the question (required with --prompt-file)")
-    parser.add_argument("--budget", default="128", help="KV entries kept per layer and head (int; the mean over layers where a policy varies it by layer) or a ratio (decimal)")
+    parser.add_argument(
+        "--budget",
+        default="128",
+        help="KV entries kept per layer and head (int; the mean over layers where a policy varies it by layer) or a ratio (decimal)",
+    )
     parser.add_argument("--policies", default="lookaheadkv,snapkv,laq", help="policies to compare with the full cache")
     parser.add_argument(
-        "--max-new-tokens", type=positive_int, default=None,
+        "--max-new-tokens",
+        type=positive_int,
+        default=None,
         help=f"answer length (default: the built-in sample's, {CUSTOM_MAX_NEW_TOKENS} with --prompt-file)",
     )
     parser.add_argument("--model", default="smollm2", help="'smollm2' (embedded) or a local HF checkpoint directory")
@@ -109,13 +117,17 @@ def main(argv=None) -> int:
         rows.append((name, decode(model, prefill, replay.cache, max_new), replay.kept_bytes, replay.seconds))
 
     source = f"built-in {sample.task} document" if args.prompt_file is None else str(args.prompt_file)
-    print(f"\nDocument: {source}, {prefill.num_prompt} prompt tokens (prefill {prefill.seconds:.1f} s); budget {budget}")
+    print(
+        f"\nDocument: {source}, {prefill.num_prompt} prompt tokens (prefill {prefill.seconds:.1f} s); budget {budget}"
+    )
     print("Question:", sample.question)
     if sample.answers:
         print("Expected:", ", ".join(sample.answers))
     print()
     width = 56
-    print(f"{'policy':<14} {'answer':<{width}} {'KV kept':>18} {'eviction':>10}" + ("  correct" if sample.answers else ""))
+    print(
+        f"{'policy':<14} {'answer':<{width}} {'KV kept':>18} {'eviction':>10}" + ("  correct" if sample.answers else "")
+    )
     for name, tokens, kept, seconds in rows:
         text = " ".join(tokenizer.decode(tokens[0].tolist(), skip_special_tokens=True).split())
         lines = textwrap.wrap(text, width) or [""]

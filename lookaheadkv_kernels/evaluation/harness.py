@@ -85,7 +85,9 @@ def evaluate(model, tokenizer, samples, policies, budgets, store: ResultStore, *
     from .kvpress_peers import press_evict
     from .replay import capture_prefill, decode, evict
 
-    runtime_policies = {name: build_policy(name, module) for name in policies if name != FULL and name not in PEER_POLICIES}
+    runtime_policies = {
+        name: build_policy(name, module) for name in policies if name != FULL and name not in PEER_POLICIES
+    }
     jobs = _jobs(policies, budgets)
     todo = [s for s in samples if any(not store.has(s.uid, p, b) for p, b in jobs)]
     bar = tqdm(total=len(todo) * len(jobs), disable=not progress, desc="eval", unit="run", file=sys.stderr)
@@ -97,8 +99,12 @@ def evaluate(model, tokenizer, samples, policies, budgets, store: ResultStore, *
         # The full-cache greedy answer, long enough to serve as SpecKV's self-draft and Oracle's answer.
         continuation = decode(model, prefill, prefill.full_cache(), max(sample.max_new_tokens, 32))
         base = {
-            "uid": sample.uid, "task": sample.task, "length": sample.length, "index": sample.index,
-            "prompt_tokens": prefill.num_prompt, "answers": list(sample.answers),
+            "uid": sample.uid,
+            "task": sample.task,
+            "length": sample.length,
+            "index": sample.index,
+            "prompt_tokens": prefill.num_prompt,
+            "answers": list(sample.answers),
         }
         for policy, budget in jobs:
             if store.has(sample.uid, policy, budget):
@@ -112,17 +118,29 @@ def evaluate(model, tokenizer, samples, policies, budgets, store: ResultStore, *
                     replay = press_evict(model, prefill, policy, budget)
                 else:
                     replay = evict(
-                        model, prefill, runtime_policies[policy], budget,
-                        max_new_tokens=sample.max_new_tokens, continuation=continuation,
+                        model,
+                        prefill,
+                        runtime_policies[policy],
+                        budget,
+                        max_new_tokens=sample.max_new_tokens,
+                        continuation=continuation,
                     )
                 tokens = decode(model, prefill, replay.cache, sample.max_new_tokens)
                 seconds, kept = replay.seconds, replay.kept_bytes
             text = tokenizer.decode(tokens[0].tolist(), skip_special_tokens=True)
-            store.add({
-                **base, "policy": policy, "budget": budget, "prediction": text,
-                "score": 100.0 * score(text, sample.answers), "evict_seconds": seconds,
-                "prefill_seconds": prefill.seconds, "kept_bytes": kept, "full_bytes": prefill.full_cache_bytes(),
-            })
+            store.add(
+                {
+                    **base,
+                    "policy": policy,
+                    "budget": budget,
+                    "prediction": text,
+                    "score": 100.0 * score(text, sample.answers),
+                    "evict_seconds": seconds,
+                    "prefill_seconds": prefill.seconds,
+                    "kept_bytes": kept,
+                    "full_bytes": prefill.full_cache_bytes(),
+                }
+            )
             bar.update()
     bar.close()
 
@@ -134,23 +152,32 @@ def _parser():
     )
     parser.add_argument("--quick", action="store_true", help=f"a few-minute subset: {QUICK}")
     parser.add_argument("--model", default="smollm2", help="'smollm2' (embedded) or a local HF checkpoint directory")
-    parser.add_argument("--module", default=None, help="lookahead module directory (default: the one shipped for the model)")
+    parser.add_argument(
+        "--module", default=None, help="lookahead module directory (default: the one shipped for the model)"
+    )
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="prompt lengths in tokens")
     parser.add_argument("--samples", type=positive_int, default=3, help="samples per task and length")
     parser.add_argument(
-        "--first-sample", type=nonnegative_int, default=0,
+        "--first-sample",
+        type=nonnegative_int,
+        default=0,
         help="index of the first sample (the reported suite starts at 0; bench/lookaheadkv_scoring_sweep.py tunes on 1-2)",
     )
     parser.add_argument("--policies", default=",".join(ALL_POLICIES), help="comma-separated policies")
-    parser.add_argument("--budgets", default=DEFAULT_BUDGETS, help="ints = tokens per layer and KV head (a mean over layers for per-layer schedules), decimals = ratios")
+    parser.add_argument(
+        "--budgets",
+        default=DEFAULT_BUDGETS,
+        help="ints = tokens per layer and KV head (a mean over layers for per-layer schedules), decimals = ratios",
+    )
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--name", default=None, help="results name: <out>/eval_<name>.* (default 'quick' or 'full')")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--report-only", action="store_true", help="rebuild the CSV/markdown/plots from the JSONL")
     parser.add_argument(
-        "--report-name", default=None,
+        "--report-name",
+        default=None,
         help="write the tables as <out>/eval_<report-name>.* (default: --name), e.g. a subset of lengths/budgets",
     )
     parser.add_argument("--no-progress", action="store_true")
@@ -212,16 +239,25 @@ def main(argv=None) -> int:
         evaluate(model, tokenizer, samples, policies, budgets, store, module=module, progress=not args.no_progress)
         run = {
             "command": "lookaheadkv eval " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "model": args.model, "module": str(module_dir) if module_dir else None, "seed": args.seed,
+            "model": args.model,
+            "module": str(module_dir) if module_dir else None,
+            "seed": args.seed,
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - start, 1),
+            "threads": torch.get_num_threads(),
+            "seconds": round(time.perf_counter() - start, 1),
         }
         meta_path = args.out / f"eval_{name}.meta.json"
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() and continuing else {}
         runs = meta.get("runs", [meta] if meta else [])  # one entry per run that added to this results file
         meta_path.write_text(json.dumps({"runs": runs + [run]}, indent=2) + "\n")
     written = write_report(
-        store, args.out, args.report_name or name, budgets=budgets, policies=policies, lengths=lengths, tasks=tasks,
+        store,
+        args.out,
+        args.report_name or name,
+        budgets=budgets,
+        policies=policies,
+        lengths=lengths,
+        tasks=tasks,
         meta_name=name,
     )
     for path in written:

@@ -74,7 +74,9 @@ def press_evict(model, prefill, name: str, budget: int):
                 "cache_position": positions,
                 "attention_mask": None,
             }
-            keys, values = press.compress(decoder_layer.self_attn, attention_input, full.keys, full.values, None, kwargs)
+            keys, values = press.compress(
+                decoder_layer.self_attn, attention_input, full.keys, full.values, None, kwargs
+            )
             layer = CompactedLayer()
             layer.replace(keys.contiguous(), values.contiguous(), num_prompt)
             cache.layers.append(layer)

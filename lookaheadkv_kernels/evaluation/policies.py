@@ -15,8 +15,15 @@ from pathlib import Path
 from ..argtypes import parse_names
 from ..runtime.lookahead import LookaheadModule, shipped_module_dir
 from ..runtime.policies import (
-    LOOKAHEAD_DEPTH_RAMP, LOOKAHEAD_POOL_KERNEL, LOOKAHEAD_POOL_SHIFT, LOOKAHEAD_POOL_TYPE, LOOKAHEAD_QUERY_REDUCE,
-    LookaheadKV, SnapKV, depth_ramp_budgets, make_policy,
+    LOOKAHEAD_DEPTH_RAMP,
+    LOOKAHEAD_POOL_KERNEL,
+    LOOKAHEAD_POOL_SHIFT,
+    LOOKAHEAD_POOL_TYPE,
+    LOOKAHEAD_QUERY_REDUCE,
+    LookaheadKV,
+    SnapKV,
+    depth_ramp_budgets,
+    make_policy,
 )
 from .kvpress_peers import PRESSES
 
@@ -31,7 +38,9 @@ class SnapKVWithLookaheadConfig(SnapKV):
 
     def __init__(self):
         super().__init__(
-            pool_kernel=LOOKAHEAD_POOL_KERNEL, pool_type=LOOKAHEAD_POOL_TYPE, query_reduce=LOOKAHEAD_QUERY_REDUCE,
+            pool_kernel=LOOKAHEAD_POOL_KERNEL,
+            pool_type=LOOKAHEAD_POOL_TYPE,
+            query_reduce=LOOKAHEAD_QUERY_REDUCE,
             pool_shift=LOOKAHEAD_POOL_SHIFT,
         )
 

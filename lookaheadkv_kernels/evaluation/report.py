@@ -75,11 +75,18 @@ def write_csv(table: Table, path: Path, policies, budgets, lengths, tasks):
                         else:
                             value = table.task_mean(policy, budget, length, task)
                             samples = len(table.cells.get((policy, str(budget), length, task), []))
-                        writer.writerow([
-                            policy, budget, length, task, samples, _fmt(value, 2),
-                            _fmt(table.evict_ms(policy, budget, length), 2),
-                            _fmt(table.kept_percent(policy, budget, length), 2),
-                        ])
+                        writer.writerow(
+                            [
+                                policy,
+                                budget,
+                                length,
+                                task,
+                                samples,
+                                _fmt(value, 2),
+                                _fmt(table.evict_ms(policy, budget, length), 2),
+                                _fmt(table.kept_percent(policy, budget, length), 2),
+                            ]
+                        )
 
 
 def markdown(table: Table, meta: dict, policies, budgets, lengths, tasks) -> str:
@@ -88,13 +95,19 @@ def markdown(table: Table, meta: dict, policies, budgets, lengths, tasks) -> str
     runs = meta.get("runs", [meta] if meta else [])
     if runs:
         lines += ["Produced by these runs of the results file, in order (a later run adds only missing records):", ""]
-        lines += [f"- `{run.get('command')}` — module `{run.get('module')}`; seed {run.get('seed')}; "
-                  f"{run.get('threads')} CPU threads; {run.get('seconds')} s" for run in runs]
+        lines += [
+            f"- `{run.get('command')}` — module `{run.get('module')}`; seed {run.get('seed')}; "
+            f"{run.get('threads')} CPU threads; {run.get('seconds')} s"
+            for run in runs
+        ]
         lines += [""]
-    count = {n: len({r['uid'] for rs in table.cells.values() for r in rs if r['length'] == n}) for n in lengths}
+    count = {n: len({r["uid"] for rs in table.cells.values() for r in rs if r["length"] == n}) for n in lengths}
     lines += [f"Samples per length: {', '.join(f'{n}: {count[n]}' for n in lengths)} ({len(tasks)} tasks).", ""]
 
-    lines += [f"### Mean score at budget {main} (tokens kept per layer and KV head; the mean over layers where budgets vary by layer)", ""]
+    lines += [
+        f"### Mean score at budget {main} (tokens kept per layer and KV head; the mean over layers where budgets vary by layer)",
+        "",
+    ]
     header = ["policy"] + [f"{n} tok" for n in lengths] + ["all"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for policy in policies:
@@ -119,11 +132,16 @@ def markdown(table: Table, meta: dict, policies, budgets, lengths, tasks) -> str
         lines.append("| " + " | ".join(["full cache" if policy == FULL else policy] + [_fmt(v) for v in row]) + " |")
 
     if {"lookaheadkv", "snapkv"} <= set(policies):
-        lines += ["", f"### Targets at budget {main}", "",
-                  f"LookaheadKV ≥ SnapKV + {TARGET_MARGIN_OVER_SNAPKV:.0f} and ≥ full cache − {TARGET_GAP_TO_FULL:.0f}, "
-                  "at every length.", "",
-                  "| length | LookaheadKV | SnapKV | full | LookaheadKV − SnapKV | full − LookaheadKV | met |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"### Targets at budget {main}",
+            "",
+            f"LookaheadKV ≥ SnapKV + {TARGET_MARGIN_OVER_SNAPKV:.0f} and ≥ full cache − {TARGET_GAP_TO_FULL:.0f}, "
+            "at every length.",
+            "",
+            "| length | LookaheadKV | SnapKV | full | LookaheadKV − SnapKV | full − LookaheadKV | met |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for n in lengths:
             la, snap = table.mean("lookaheadkv", main, [n], tasks), table.mean("snapkv", main, [n], tasks)
             full = table.mean(FULL, FULL, [n], tasks) if FULL in policies else None
@@ -173,7 +191,11 @@ def plot(table: Table, path: Path, policies, budgets, lengths, tasks) -> bool:
             points = [(b, table.mean(policy, b, panel_lengths, tasks)) for b in token_budgets]
             points = [(b, v) for b, v in points if v is not None]
             if points:
-                style = {"linewidth": 1.2, "color": colors[policy], "linestyle": "--" if policy.startswith("kvpress-") else "-"}
+                style = {
+                    "linewidth": 1.2,
+                    "color": colors[policy],
+                    "linestyle": "--" if policy.startswith("kvpress-") else "-",
+                }
                 if policy == "lookaheadkv":
                     style.update(linewidth=2.8, color="tab:red")
                 ax.plot(*zip(*points), marker="o", markersize=3, label=policy, **style)
@@ -199,7 +221,11 @@ def write_report(store, out: Path, name: str, *, budgets, policies, lengths, tas
     table = Table(store.records.values())
     meta_path = out / f"eval_{meta_name or name}.meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    csv_path, md_path, png_path = out / f"eval_{name}.csv", out / f"eval_{name}.md", out / f"eval_{name}_score_vs_budget.png"
+    csv_path, md_path, png_path = (
+        out / f"eval_{name}.csv",
+        out / f"eval_{name}.md",
+        out / f"eval_{name}_score_vs_budget.png",
+    )
     write_csv(table, csv_path, policies, budgets, lengths, tasks)
     md_path.write_text(markdown(table, meta, policies, budgets, lengths, tasks))
     written = [csv_path, md_path]

@@ -20,10 +20,10 @@ import random
 import re
 import string
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Callable
 
 from ..argtypes import parse_names
 

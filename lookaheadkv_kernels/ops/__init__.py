@@ -40,11 +40,15 @@ def lookahead_qproj(
     `norm_weight` if given (Qwen3 q_norm); RoPE in the HF rotate_half layout with cos/sin [T, D].
     Returns q [T, num_heads, D] in x's dtype.
     """
-    return _call("lookahead_qproj", backend, x, weight, bias, lora_a, lora_b, lora_scale, cos, sin, num_heads, norm_weight, eps)
+    return _call(
+        "lookahead_qproj", backend, x, weight, bias, lora_a, lora_b, lora_scale, cos, sin, num_heads, norm_weight, eps
+    )
 
 
 def _attention_defaults(q, k, num_scored, scale):
-    return (k.shape[2] if num_scored is None else num_scored), (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    return (k.shape[2] if num_scored is None else num_scored), (
+        1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    )
 
 
 def attention_scores(
@@ -87,7 +91,9 @@ def lookahead_attention(
     """Causal attention output [B, Hq, Tq, D] of q over (k, v) and, from the same pass, the scores of
     `attention_scores` with the same arguments."""
     num_scored, scale = _attention_defaults(q, k, num_scored, scale)
-    return _call("lookahead_attention", backend, q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce)
+    return _call(
+        "lookahead_attention", backend, q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce
+    )
 
 
 def select_compact(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -23,7 +23,7 @@ CUDA_BACKEND_ENV = "LOOKAHEADKV_CUDA_BACKEND"
 CUDA_PREFERENCE = {op: ("cuda", "triton") for op in OPS}
 
 
-@lru_cache(maxsize=None)
+@cache
 def backend_module(backend: str):
     if backend == "triton":
         return importlib.import_module("lookaheadkv_kernels.backends.triton")
@@ -48,7 +48,7 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     return None if ok else reason
 
 
-@lru_cache(maxsize=None)
+@cache
 def _warn_fallback(op: str, device_type: str, reason: str):
     warnings.warn(f"lookaheadkv: {op} on {device_type} falls back to the slow reference: {reason}", stacklevel=4)
 

@@ -24,11 +24,11 @@ SCHEMAS = {
     ),
     "attention_scores": (
         "(Tensor q, Tensor k, int num_scored, float scale, str gqa_reduce, int pool_kernel, str pool_type, "
-        "str query_reduce=\"mean\") -> Tensor"
+        'str query_reduce="mean") -> Tensor'
     ),
     "lookahead_attention": (
         "(Tensor q, Tensor k, Tensor v, int num_scored, float scale, str gqa_reduce, int pool_kernel, "
-        "str pool_type, str query_reduce=\"mean\") -> (Tensor, Tensor)"
+        'str pool_type, str query_reduce="mean") -> (Tensor, Tensor)'
     ),
     "select_compact": "(Tensor scores, Tensor k, Tensor v, int budget, int num_sink) -> (Tensor, Tensor, Tensor)",
 }
@@ -42,6 +42,7 @@ def run(op: str, backend: str, *args):
 
 
 # ---- fake kernels: output shapes from input shapes and int arguments only ----------------------
+
 
 def _fake_lookahead_qproj(x, weight, bias, lora_a, lora_b, lora_scale, cos, sin, num_heads, norm_weight, eps):
     CHECKS["lookahead_qproj"](x, weight, bias, lora_a, lora_b, lora_scale, cos, sin, num_heads, norm_weight, eps)
@@ -74,6 +75,7 @@ FAKES = {
 
 
 # ---- autograd: backward through the reference ---------------------------------------------------
+
 
 def _setup_context(ctx, inputs, output):
     ctx.tensor_positions = [i for i, a in enumerate(inputs) if isinstance(a, torch.Tensor)]

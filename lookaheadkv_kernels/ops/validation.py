@@ -40,7 +40,9 @@ def check_same_device(**tensors):
     first_name, first = named[0]
     for name, t in named[1:]:
         if t.device != first.device:
-            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}: all tensors must share one device")
+            raise ValueError(
+                f"{name} is on {t.device} but {first_name} is on {first.device}: all tensors must share one device"
+            )
 
 
 def check_int(name, value, minimum):
@@ -86,7 +88,9 @@ def check_lookahead_qproj(x, weight, bias, lora_a, lora_b, lora_scale, cos, sin,
         raise TypeError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
     T, hidden = x.shape
     if weight.shape[1] != hidden:
-        raise ValueError(f"weight must have shape [num_heads*head_dim, {hidden}] (x's hidden size), got {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must have shape [num_heads*head_dim, {hidden}] (x's hidden size), got {tuple(weight.shape)}"
+        )
     check_int("num_heads", num_heads, 1)
     if weight.shape[0] % num_heads:
         raise ValueError(f"weight's first dim {weight.shape[0]} is not a multiple of num_heads={num_heads}")
@@ -110,11 +114,21 @@ def check_lookahead_qproj(x, weight, bias, lora_a, lora_b, lora_scale, cos, sin,
     check_finite("eps", eps)
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    check_same_device(x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, cos=cos, sin=sin, norm_weight=norm_weight)
+    check_same_device(
+        x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, cos=cos, sin=sin, norm_weight=norm_weight
+    )
     return (
-        last_dim_contiguous(x), last_dim_contiguous(weight), as_float32(bias), as_float32(lora_a),
-        as_float32(lora_b), float(lora_scale), as_float32(cos), as_float32(sin), num_heads,
-        as_float32(norm_weight), float(eps),
+        last_dim_contiguous(x),
+        last_dim_contiguous(weight),
+        as_float32(bias),
+        as_float32(lora_a),
+        as_float32(lora_b),
+        float(lora_scale),
+        as_float32(cos),
+        as_float32(sin),
+        num_heads,
+        as_float32(norm_weight),
+        float(eps),
     )
 
 
@@ -139,7 +153,9 @@ def check_attention(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_ty
     if v is not None:
         check_tensor("v", v, 4)
         if v.dtype != k.dtype or v.shape != k.shape:
-            raise ValueError(f"v must match k (shape {tuple(k.shape)}, dtype {k.dtype}), got {tuple(v.shape)}, {v.dtype}")
+            raise ValueError(
+                f"v must match k (shape {tuple(k.shape)}, dtype {k.dtype}), got {tuple(v.shape)}, {v.dtype}"
+            )
     check_int("num_scored", num_scored, 1)
     if num_scored > N:
         raise ValueError(f"num_scored must be in [1, N={N}], got {num_scored}")
@@ -152,8 +168,15 @@ def check_attention(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_ty
     check_choice("query_reduce", query_reduce, QUERY_REDUCES)
     check_same_device(q=q, k=k, v=v)
     return (
-        last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v), num_scored, float(scale),
-        gqa_reduce, pool_kernel, pool_type, query_reduce,
+        last_dim_contiguous(q),
+        last_dim_contiguous(k),
+        last_dim_contiguous(v),
+        num_scored,
+        float(scale),
+        gqa_reduce,
+        pool_kernel,
+        pool_type,
+        query_reduce,
     )
 
 

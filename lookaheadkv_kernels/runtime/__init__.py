@@ -28,7 +28,7 @@ from .eviction import (  # noqa: E402
     resolve_budget,
 )
 from .lookahead import LookaheadConfig, LookaheadModule, lookahead_stream  # noqa: E402
-from .models import SMOLLM2_INSTALL, UnsupportedModelError, cache_dir, load_model, smollm2_checkpoint
+from .models import SMOLLM2_INSTALL, UnsupportedModelError, cache_dir, load_model, smollm2_checkpoint  # noqa: E402
 from .policies import (  # noqa: E402
     LAQ,
     POLICIES,
@@ -46,10 +46,37 @@ from .policies import (  # noqa: E402
 )
 
 __all__ = [
-    "CompactedCache", "CompactedLayer", "ragged_masks",
-    "Eviction", "EvictionStats", "GenerationResult", "encode_prompt", "eos_ids", "evict_cache", "generate", "prefill_and_evict", "resolve_budget",
-    "LookaheadConfig", "LookaheadModule", "lookahead_stream",
-    "SMOLLM2_INSTALL", "UnsupportedModelError", "cache_dir", "load_model", "smollm2_checkpoint",
-    "LAQ", "POLICIES", "KNorm", "LookaheadKV", "Oracle", "Policy", "PyramidKV", "RandomPolicy", "SnapKV", "SpecKV",
-    "StreamingLLM", "depth_ramp_budgets", "make_policy",
+    "CompactedCache",
+    "CompactedLayer",
+    "ragged_masks",
+    "Eviction",
+    "EvictionStats",
+    "GenerationResult",
+    "encode_prompt",
+    "eos_ids",
+    "evict_cache",
+    "generate",
+    "prefill_and_evict",
+    "resolve_budget",
+    "LookaheadConfig",
+    "LookaheadModule",
+    "lookahead_stream",
+    "SMOLLM2_INSTALL",
+    "UnsupportedModelError",
+    "cache_dir",
+    "load_model",
+    "smollm2_checkpoint",
+    "LAQ",
+    "POLICIES",
+    "KNorm",
+    "LookaheadKV",
+    "Oracle",
+    "Policy",
+    "PyramidKV",
+    "RandomPolicy",
+    "SnapKV",
+    "SpecKV",
+    "StreamingLLM",
+    "depth_ramp_budgets",
+    "make_policy",
 ]

@@ -10,9 +10,9 @@ next-token logits of the prompt. Higher level (`generate`): one call from a prom
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from numbers import Integral, Real
-from typing import Sequence
 
 import torch
 
@@ -88,7 +88,9 @@ class _Evictor:
         num_layers = len(self.parts)
         resolved = resolve_budget(budget, num_prompt, num_layers)
         self.budgets = (
-            list(resolved) if isinstance(resolved, list) else self.policy.layer_budgets(resolved, num_prompt, num_layers)
+            list(resolved)
+            if isinstance(resolved, list)
+            else self.policy.layer_budgets(resolved, num_prompt, num_layers)
         )
         self.evicting = any(b < num_prompt for b in self.budgets)  # a prompt within budget is left alone
         floor, tail = self.policy.always_kept(num_prompt), self.policy.unscored_tail(num_prompt)
@@ -184,7 +186,9 @@ def evict_cache(model, cache, hidden_states, next_logits: torch.Tensor, policy, 
     _check_window(model, num_prompt, None)
     evictor = _Evictor(model, policy, budget, num_prompt, first.device, None)
     if evictor.policy.appends_rows:
-        raise ValueError(f"{evictor.policy.name} scores with draft rows prefilled after the prompt; use prefill_and_evict")
+        raise ValueError(
+            f"{evictor.policy.name} scores with draft rows prefilled after the prompt; use prefill_and_evict"
+        )
     for layer in cache.layers:
         evictor.cache.layers.append(CompactedLayer())
         evictor.cache.layers[-1].replace(layer.keys, layer.values, num_prompt)
@@ -269,7 +273,9 @@ def generate(
     input_ids = encode_prompt(tokenizer, prompt, chat, device)
     if input_ids.shape[0] != 1:
         raise ValueError(f"generate takes one prompt, got a batch of {input_ids.shape[0]}; use prefill_and_evict")
-    eviction = prefill_and_evict(model, input_ids, make_policy(policy, model=model, **policy_options), budget, max_new_tokens=max_new_tokens)
+    eviction = prefill_and_evict(
+        model, input_ids, make_policy(policy, model=model, **policy_options), budget, max_new_tokens=max_new_tokens
+    )
 
     first = eviction.next_logits.argmax(-1, keepdim=True)  # from the full prefill, as in full-cache decoding
     tokens = [int(first)]

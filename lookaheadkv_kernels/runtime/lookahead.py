@@ -126,20 +126,24 @@ class LookaheadModule(nn.Module):
         return directory
 
     @classmethod
-    def shipped(cls, model) -> "LookaheadModule":
+    def shipped(cls, model) -> LookaheadModule:
         """The module shipped with this package for `model` (see `shipped_module_dir`), in eval mode."""
         return cls.load(shipped_module_dir(model), model).eval()
 
     @classmethod
-    def load(cls, directory: str | Path, model) -> "LookaheadModule":
+    def load(cls, directory: str | Path, model) -> LookaheadModule:
         """Load a module saved by `save` for use with `model`; a different base model is a ValueError."""
         directory = Path(directory)
         config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
         if not config_path.is_file() or not weights_path.is_file():
-            raise FileNotFoundError(f"{directory} is not a saved lookahead module (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+            raise FileNotFoundError(
+                f"{directory} is not a saved lookahead module (needs {CONFIG_FILE} and {WEIGHTS_FILE})"
+            )
         saved = json.loads(config_path.read_text())
         if saved.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{config_path}: format_version {saved.get('format_version')!r}, expected {FORMAT_VERSION}")
+            raise ValueError(
+                f"{config_path}: format_version {saved.get('format_version')!r}, expected {FORMAT_VERSION}"
+            )
         if saved["config_hash"] != config_hash(model.config):
             current = architecture(model.config)
             differing = {
@@ -153,7 +157,11 @@ class LookaheadModule(nn.Module):
                 f"{config_hash(model.config)}; differing fields (saved, given): {differing}"
             )
         module = cls(
-            model, n_lookahead=saved["n_lookahead"], rank=saved["rank"], alpha=saved["alpha"], targets=tuple(saved["targets"])
+            model,
+            n_lookahead=saved["n_lookahead"],
+            rank=saved["rank"],
+            alpha=saved["alpha"],
+            targets=tuple(saved["targets"]),
         )
         module.config.base_model = saved["base_model"]
         module.load_state_dict(load_file(weights_path))
@@ -266,8 +274,14 @@ def lookahead_layer(
     values = torch.cat([prompt_values, v.transpose(1, 2).to(prompt_values.dtype)], dim=2)
 
     out, scores = lookahead_attention(
-        q, keys, values, num_scored=num_scored, scale=parts.scaling,
-        gqa_reduce=options.gqa_reduce, pool_kernel=options.pool_kernel, pool_type=options.pool_type,
+        q,
+        keys,
+        values,
+        num_scored=num_scored,
+        scale=parts.scaling,
+        gqa_reduce=options.gqa_reduce,
+        pool_kernel=options.pool_kernel,
+        pool_type=options.pool_type,
         query_reduce=options.query_reduce,
     )
     scores = shift_scores(scores, options.pool_shift)

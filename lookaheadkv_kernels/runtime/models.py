@@ -108,7 +108,9 @@ def _convert_smollm2(gguf: Path, out: Path) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
-        raise RuntimeError(f"GGUF conversion of {gguf.name}: missing {sorted(set(missing) - tied)}, unexpected {unexpected}")
+        raise RuntimeError(
+            f"GGUF conversion of {gguf.name}: missing {sorted(set(missing) - tied)}, unexpected {unexpected}"
+        )
     model.tie_weights()
     model.generation_config.eos_token_id = 2  # <|im_end|> ends an assistant turn
     model.generation_config.pad_token_id = 2
@@ -168,10 +170,23 @@ def load_model(
 # Config fields that define the computation; the hash of these identifies "the same model" for
 # saved lookahead modules (paths, dtypes and attention implementations do not matter).
 ARCHITECTURE_FIELDS = (
-    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps",
-    "rope_parameters", "rope_theta", "rope_scaling", "attention_bias", "mlp_bias",
-    "tie_word_embeddings", "max_position_embeddings",
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "rms_norm_eps",
+    "rope_parameters",
+    "rope_theta",
+    "rope_scaling",
+    "attention_bias",
+    "mlp_bias",
+    "tie_word_embeddings",
+    "max_position_embeddings",
 )
 
 

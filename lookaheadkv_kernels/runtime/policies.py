@@ -21,7 +21,12 @@ from .. import attention_scores
 from ..ops.validation import check_finite, check_int
 from .cache import CompactedCache, compact_layer
 from .lookahead import (
-    LookaheadModule, ScoreOptions, initial_hidden, lookahead_layer, lookahead_positions, shift_scores,
+    LookaheadModule,
+    ScoreOptions,
+    initial_hidden,
+    lookahead_layer,
+    lookahead_positions,
+    shift_scores,
 )
 from .models import LayerParts
 from .tap import LayerInputs, tap_layers
@@ -80,8 +85,13 @@ def check_depth_ramp(depth_ramp) -> float:
 def score_queries(queries: torch.Tensor, keys: torch.Tensor, num_scored: int, parts: LayerParts, options: ScoreOptions):
     """Scores [B, Hkv, num_scored] of the first keys for `queries`, which are the last rows of `keys`' positions."""
     scores = attention_scores(
-        queries, keys, num_scored=num_scored, scale=parts.scaling,
-        gqa_reduce=options.gqa_reduce, pool_kernel=options.pool_kernel, pool_type=options.pool_type,
+        queries,
+        keys,
+        num_scored=num_scored,
+        scale=parts.scaling,
+        gqa_reduce=options.gqa_reduce,
+        pool_kernel=options.pool_kernel,
+        pool_type=options.pool_type,
         query_reduce=options.query_reduce,
     )
     return shift_scores(scores, options.pool_shift)
@@ -237,7 +247,7 @@ class SnapKV(Policy):
         return min(self.window, num_prompt - 1)  # as _WindowScorer: at least one scored key
 
     @classmethod
-    def kvpress(cls, num_sink: int = DEFAULT_NUM_SINK) -> "SnapKV":
+    def kvpress(cls, num_sink: int = DEFAULT_NUM_SINK) -> SnapKV:
         return cls(window=64, pool_kernel=5, pool_type="avg", num_sink=num_sink)
 
     def scorer(self, run):
@@ -312,7 +322,9 @@ class Oracle(SnapKV):
     name = "oracle"
     appends_rows = True
 
-    def __init__(self, max_answer_tokens: int | None = None, gqa_reduce: str = "mean", num_sink: int = DEFAULT_NUM_SINK):
+    def __init__(
+        self, max_answer_tokens: int | None = None, gqa_reduce: str = "mean", num_sink: int = DEFAULT_NUM_SINK
+    ):
         super().__init__(window=0, pool_kernel=1, pool_type="max", gqa_reduce=gqa_reduce, num_sink=num_sink)
         self.max_answer_tokens = max_answer_tokens
 
@@ -336,7 +348,7 @@ def greedy_continuation(model, input_ids: torch.Tensor, max_new_tokens: int) -> 
 
 
 class _LookaheadScorer(Scorer):
-    def __init__(self, policy: "LookaheadKV", run: Run):
+    def __init__(self, policy: LookaheadKV, run: Run):
         self.policy, self.run = policy, run
         self.hidden = None
         self.cos = self.sin = None
@@ -349,8 +361,16 @@ class _LookaheadScorer(Scorer):
             self.hidden = initial_hidden(module, inputs.keys.shape[0], inputs.hidden)
             self.cos, self.sin = lookahead_positions(self.run.model, n, module.config.n_lookahead, self.hidden)
         self.hidden, scores = lookahead_layer(
-            module, inputs.parts, inputs.index, self.hidden, self.cos, self.sin,
-            inputs.keys[:, :, :n], inputs.values[:, :, :n], n - policy.unscored_tail(n), policy.options,
+            module,
+            inputs.parts,
+            inputs.index,
+            self.hidden,
+            self.cos,
+            self.sin,
+            inputs.keys[:, :, :n],
+            inputs.values[:, :, :n],
+            n - policy.unscored_tail(n),
+            policy.options,
         )
         if self.votes is None:
             return scores
@@ -461,7 +481,7 @@ class LookaheadKV(Policy):
 
 
 class _LAQScorer(Scorer):
-    def __init__(self, policy: "LAQ", run: Run):
+    def __init__(self, policy: LAQ, run: Run):
         self.policy, self.run = policy, run
         self.snap = _WindowScorer(run, policy.snap_window, policy.snap_options)
         self.window = min(policy.window, run.num_prompt - 1)
@@ -478,8 +498,13 @@ class _LAQScorer(Scorer):
         while len(self.copy.layers) <= idx:
             self.copy.layers.append(self.copy.layer_class_to_replicate())
         compact_layer(
-            self.copy.layers[idx], self.snap.score(inputs), inputs.keys, inputs.values,
-            self.run.budgets[idx], self.policy.num_sink, n,
+            self.copy.layers[idx],
+            self.snap.score(inputs),
+            inputs.keys,
+            inputs.values,
+            self.run.budgets[idx],
+            self.policy.num_sink,
+            n,
         )
         return None  # the full layer stays until the pseudo queries exist
 

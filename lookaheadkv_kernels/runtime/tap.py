@@ -7,9 +7,9 @@ needs; layer l is evicted before layer l+1 starts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -15,8 +15,23 @@ from .teacher import TeacherRecord, build_records, load_record, teach
 from .trainer import History, TrainConfig, Trainer, record_loss, target_and_prediction, validate
 
 __all__ = [
-    "SPLITS", "TASKS", "Sample", "make_samples",
-    "answer_importance", "kept_recall", "kl_divergence", "normalise", "topk_recall",
-    "TeacherRecord", "build_records", "load_record", "teach",
-    "History", "TrainConfig", "Trainer", "record_loss", "target_and_prediction", "validate",
+    "SPLITS",
+    "TASKS",
+    "Sample",
+    "make_samples",
+    "answer_importance",
+    "kept_recall",
+    "kl_divergence",
+    "normalise",
+    "topk_recall",
+    "TeacherRecord",
+    "build_records",
+    "load_record",
+    "teach",
+    "History",
+    "TrainConfig",
+    "Trainer",
+    "record_loss",
+    "target_and_prediction",
+    "validate",
 ]

@@ -36,7 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
     data = p.add_argument_group("data")
     data.add_argument("--train-samples", type=positive_int, default=256)
-    data.add_argument("--val-samples", type=nonnegative_int, default=16, help="held-out prompts for validation during training")
+    data.add_argument(
+        "--val-samples", type=nonnegative_int, default=16, help="held-out prompts for validation during training"
+    )
     data.add_argument("--min-tokens", type=positive_int, default=512, help="shortest document, in tokens")
     data.add_argument("--max-tokens", type=positive_int, default=1024, help="longest document, in tokens")
     data.add_argument("--answer-tokens", type=positive_int, default=64, help="longest teacher answer")
@@ -53,9 +55,21 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--n-lookahead", type=positive_int, default=defaults.n_lookahead)
     train.add_argument("--rank", type=positive_int, default=defaults.rank)
     train.add_argument("--alpha", type=float, default=defaults.alpha)
-    train.add_argument("--num-sink", type=nonnegative_int, default=defaults.num_sink, help="leading keys left out of the loss (the policy keeps them)")
-    train.add_argument("--recent", type=nonnegative_int, default=defaults.recent, help="trailing keys left out of the loss")
-    train.add_argument("--pool-kernel", type=positive_int, default=defaults.pool_kernel, help="pool target and prediction (odd; 1 = none)")
+    train.add_argument(
+        "--num-sink",
+        type=nonnegative_int,
+        default=defaults.num_sink,
+        help="leading keys left out of the loss (the policy keeps them)",
+    )
+    train.add_argument(
+        "--recent", type=nonnegative_int, default=defaults.recent, help="trailing keys left out of the loss"
+    )
+    train.add_argument(
+        "--pool-kernel",
+        type=positive_int,
+        default=defaults.pool_kernel,
+        help="pool target and prediction (odd; 1 = none)",
+    )
     train.add_argument("--pool-type", choices=("avg", "max"), default=defaults.pool_type)
     train.add_argument("--eval-every", type=nonnegative_int, default=defaults.eval_every)
     train.add_argument("--checkpoint-every", type=nonnegative_int, default=defaults.checkpoint_every)
@@ -71,10 +85,22 @@ def parse_args(argv) -> tuple[argparse.Namespace, TrainConfig]:
         parser.error(f"--min-tokens {args.min_tokens} exceeds --max-tokens {args.max_tokens}")
     try:
         config = TrainConfig(
-            steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-            warmup_steps=args.warmup_steps, clip_norm=args.clip_norm, seed=args.seed, n_lookahead=args.n_lookahead,
-            rank=args.rank, alpha=args.alpha, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-            num_sink=args.num_sink, recent=args.recent, pool_kernel=args.pool_kernel, pool_type=args.pool_type,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            warmup_steps=args.warmup_steps,
+            clip_norm=args.clip_norm,
+            seed=args.seed,
+            n_lookahead=args.n_lookahead,
+            rank=args.rank,
+            alpha=args.alpha,
+            eval_every=args.eval_every,
+            checkpoint_every=args.checkpoint_every,
+            num_sink=args.num_sink,
+            recent=args.recent,
+            pool_kernel=args.pool_kernel,
+            pool_type=args.pool_type,
         )
     except ValueError as error:
         parser.error(str(error))

@@ -29,10 +29,10 @@ from __future__ import annotations
 import gzip
 import random
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator
 
 TRAIN_TEXT = Path(__file__).resolve().parent.parent / "data" / "kjv_train.txt.gz"
 TRAIN_VERSES = 5600  # of the file's 6510 verses; the remainder (late Deuteronomy and Joshua) is held out
@@ -91,11 +91,72 @@ def _grow(units: Iterator[str], target_tokens: int, count: TokenCounter) -> list
 
 _NAME = re.compile(r"\b[A-Z][a-z]{2,}\b")
 _COMMON_CAPITALISED = {
-    "And", "The", "Then", "But", "For", "Now", "When", "Thus", "Thou", "Thy", "Lord", "God", "Behold", "This",
-    "That", "Ye", "Yea", "Let", "What", "Wherefore", "Who", "These", "There", "Also", "So", "If", "Israel",
-    "Which", "Because", "His", "Her", "They", "Are", "Hath", "Hast", "Neither", "Nor", "Therefore", "With",
-    "Unto", "Come", "Go", "Take", "Make", "Ask", "Surely", "Whosoever", "Moreover", "Likewise", "After", "All",
-    "Of", "In", "Is", "It", "My", "Our", "Your", "Why", "How", "O", "Shall", "Every", "Whether", "Hear", "See",
+    "And",
+    "The",
+    "Then",
+    "But",
+    "For",
+    "Now",
+    "When",
+    "Thus",
+    "Thou",
+    "Thy",
+    "Lord",
+    "God",
+    "Behold",
+    "This",
+    "That",
+    "Ye",
+    "Yea",
+    "Let",
+    "What",
+    "Wherefore",
+    "Who",
+    "These",
+    "There",
+    "Also",
+    "So",
+    "If",
+    "Israel",
+    "Which",
+    "Because",
+    "His",
+    "Her",
+    "They",
+    "Are",
+    "Hath",
+    "Hast",
+    "Neither",
+    "Nor",
+    "Therefore",
+    "With",
+    "Unto",
+    "Come",
+    "Go",
+    "Take",
+    "Make",
+    "Ask",
+    "Surely",
+    "Whosoever",
+    "Moreover",
+    "Likewise",
+    "After",
+    "All",
+    "Of",
+    "In",
+    "Is",
+    "It",
+    "My",
+    "Our",
+    "Your",
+    "Why",
+    "How",
+    "O",
+    "Shall",
+    "Every",
+    "Whether",
+    "Hear",
+    "See",
 }
 
 
@@ -133,13 +194,13 @@ def passage_qa(rng, split, target_tokens, count):
     kinds = ["quote", "after", "before", "who"] if names else ["quote", "after", "before"]
     kind = rng.choice(kinds)
     if kind == "quote":
-        request = f"Quote, word for word, the verse of the passage that contains the word \"{rare}\"."
+        request = f'Quote, word for word, the verse of the passage that contains the word "{rare}".'
     elif kind == "after":
-        request = f"What does the passage say right after the verse that begins \"{_opening(verse)}\"?"
+        request = f'What does the passage say right after the verse that begins "{_opening(verse)}"?'
     elif kind == "before":
-        request = f"Which verse comes just before the one that begins \"{_opening(verse)}\"? Quote it."
+        request = f'Which verse comes just before the one that begins "{_opening(verse)}"? Quote it.'
     else:
-        request = f"In the verse that begins \"{_opening(verse)}\", what is said about {rng.choice(names)}?"
+        request = f'In the verse that begins "{_opening(verse)}", what is said about {rng.choice(names)}?'
     return _with_request(rng, "\n".join(lines), request, "Read the following passage carefully.")
 
 
@@ -162,10 +223,10 @@ def passage_instruction(rng, split, target_tokens, count):
     verse = lines[rng.randrange(len(lines))]
     request = rng.choice(
         [
-            f"Rewrite the verse that begins \"{_opening(verse)}\" in plain modern English.",
-            f"Explain the verse that begins \"{_opening(verse)}\" to a ten-year-old.",
+            f'Rewrite the verse that begins "{_opening(verse)}" in plain modern English.',
+            f'Explain the verse that begins "{_opening(verse)}" to a ten-year-old.',
             "Write three questions a student could ask about this passage, each with its answer.",
-            f"Turn the verse that begins \"{_opening(verse)}\" into a short bulleted list of its facts.",
+            f'Turn the verse that begins "{_opening(verse)}" into a short bulleted list of its facts.',
             "Pick the verse of the passage that mentions the most people and quote it.",
         ]
     )

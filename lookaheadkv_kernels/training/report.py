@@ -28,12 +28,21 @@ from safetensors.torch import load_file, save_file
 
 from ..argtypes import positive_int, torch_device
 from ..runtime.cache import CompactedCache, CompactedLayer, compact_layer
-from ..runtime.eviction import encode_prompt
 from ..runtime.lookahead import LookaheadModule
 from ..runtime.models import cache_dir, config_hash, layer_parts, load_model
 from ..runtime.policies import (
-    DEFAULT_NUM_SINK, LAQ, LOOKAHEAD_DEPTH_RAMP, LOOKAHEAD_POOL_KERNEL, LOOKAHEAD_POOL_SHIFT, LOOKAHEAD_POOL_TYPE,
-    LOOKAHEAD_QUERY_REDUCE, LookaheadKV, PyramidKV, Run, SnapKV, StreamingLLM,
+    DEFAULT_NUM_SINK,
+    LAQ,
+    LOOKAHEAD_DEPTH_RAMP,
+    LOOKAHEAD_POOL_KERNEL,
+    LOOKAHEAD_POOL_SHIFT,
+    LOOKAHEAD_POOL_TYPE,
+    LOOKAHEAD_QUERY_REDUCE,
+    LookaheadKV,
+    PyramidKV,
+    Run,
+    SnapKV,
+    StreamingLLM,
 )
 from ..runtime.tap import LayerInputs, tap_layers
 from .data import make_samples
@@ -110,8 +119,13 @@ def baseline_row(model, record, policies: dict, budgets, kv_path: Path) -> dict:
         for name, policy in policies.items()
     }
     kv_path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"keys": torch.stack([x.keys for x in layers]).cpu().contiguous(),
-               "values": torch.stack([x.values for x in layers]).cpu().contiguous()}, kv_path)
+    save_file(
+        {
+            "keys": torch.stack([x.keys for x in layers]).cpu().contiguous(),
+            "values": torch.stack([x.values for x in layers]).cpu().contiguous(),
+        },
+        kv_path,
+    )
     return {"key": record.key, "task": record.task, "prompt_tokens": n, "recall": recall, "kl": {}}
 
 
@@ -132,7 +146,9 @@ def module_part(model, record, modules: dict, budgets, kv_path: Path, row: dict)
         policy = LookaheadKV(module, window_votes=0)  # the module alone (the window's votes are SnapKV's)
         scores = policy_scores(model, layers, None, policy, [n] * len(layers), n)
         row["recall"][name] = {
-            b: mean_recall(compact_all(layers, scores, policy.layer_budgets(b, n, len(layers)), policy.num_sink, n), oracle, b)
+            b: mean_recall(
+                compact_all(layers, scores, policy.layer_budgets(b, n, len(layers)), policy.num_sink, n), oracle, b
+            )
             for b in budgets
         }
         unpooled_policy = LookaheadKV(module, pool_kernel=1, query_reduce="mean", window_votes=0, pool_shift=0)
@@ -201,22 +217,37 @@ def markdown(recall, kl, rows, budgets, settings: dict) -> str:
     ]
     for name, values in recall.items():
         lines.append(f"| {name} | " + " | ".join(f"{values[b]:.3f}" for b in budgets) + " |")
-    lines += ["", f"KL(true importance ‖ module's scores) over the keys after the {config.num_sink} sinks, both "
-              f"{pooling(config)} and renormalised (the loss training fits by default), mean over layers, heads and prompts:", ""]
+    lines += [
+        "",
+        f"KL(true importance ‖ module's scores) over the keys after the {config.num_sink} sinks, both "
+        f"{pooling(config)} and renormalised (the loss training fits by default), mean over layers, heads and prompts:",
+        "",
+    ]
     lines += [f"- {name}: {value:.4f}" for name, value in kl.items()]
     shown = [p for p in ("lookaheadkv", "snapkv", "laq") if p in recall]
-    lines += ["", f"Recall@B by prompt length ({', '.join(shown)}):", "",
-              "| length | prompts | " + " | ".join(f"{p} @{b}" for p in shown for b in budgets) + " |",
-              "|---|---|" + "---|" * (len(shown) * len(budgets))]
+    lines += [
+        "",
+        f"Recall@B by prompt length ({', '.join(shown)}):",
+        "",
+        "| length | prompts | " + " | ".join(f"{p} @{b}" for p in shown for b in budgets) + " |",
+        "|---|---|" + "---|" * (len(shown) * len(budgets)),
+    ]
     for length in settings["lengths"]:
         group = [r for r in rows if r["length_target"] == length]
         if not group:
             continue
-        cells = [
-            f"{sum(r['recall'][p][b] for r in group) / len(group):.3f}" for p in shown for b in budgets
-        ]
+        cells = [f"{sum(r['recall'][p][b] for r in group) / len(group):.3f}" for p in shown for b in budgets]
         lines.append(f"| ~{length} | {len(group)} | " + " | ".join(cells) + " |")
-    lines += ["", "Command and settings:", "", "```", settings["command"], json.dumps(settings, indent=1, default=str), "```", ""]
+    lines += [
+        "",
+        "Command and settings:",
+        "",
+        "```",
+        settings["command"],
+        json.dumps(settings, indent=1, default=str),
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -229,11 +260,18 @@ def _count(rows, field):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(prog="python -m lookaheadkv_kernels.training.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("--module", help="trained lookahead module directory; without it only the module-free "
-                   "policies run (their rows are cached for the run with a module)")
+    p = argparse.ArgumentParser(
+        prog="python -m lookaheadkv_kernels.training.report", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument(
+        "--module",
+        help="trained lookahead module directory; without it only the module-free "
+        "policies run (their rows are cached for the run with a module)",
+    )
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--out", required=True, help="markdown report path (a .json with every prompt's row is written next to it)")
+    p.add_argument(
+        "--out", required=True, help="markdown report path (a .json with every prompt's row is written next to it)"
+    )
     p.add_argument("--per-length", type=positive_int, default=4, help="held-out prompts per target length")
     p.add_argument("--lengths", type=positive_int, nargs="+", default=list(LENGTHS))
     p.add_argument("--budgets", type=positive_int, nargs="+", default=list(BUDGETS))
@@ -254,11 +292,23 @@ def main(argv=None) -> int:
     for i, length in enumerate(args.lengths):
         # Indices from 10_000 up: disjoint from the short validation prompts of the same split.
         samples = make_samples(
-            "heldout", args.per_length, count_tokens, min_tokens=length * 7 // 8, max_tokens=length,
-            seed=args.seed, start=10_000 + 1_000 * i,
+            "heldout",
+            args.per_length,
+            count_tokens,
+            min_tokens=length * 7 // 8,
+            max_tokens=length,
+            seed=args.seed,
+            start=10_000 + 1_000 * i,
         )
-        found = build_records(model, tokenizer, samples, directory, max_new_tokens=args.answer_tokens,
-                              store_kv=False, batch_size=args.teacher_batch)
+        found = build_records(
+            model,
+            tokenizer,
+            samples,
+            directory,
+            max_new_tokens=args.answer_tokens,
+            store_kv=False,
+            batch_size=args.teacher_batch,
+        )
         paths += found
         length_of.update({load_record(f).key: length for f in found})
 
@@ -268,8 +318,17 @@ def main(argv=None) -> int:
     modules = {}
     if args.module:
         trained = LookaheadModule.load(args.module, model).to(args.device).eval()
-        untrained = LookaheadModule(model, n_lookahead=trained.config.n_lookahead, rank=trained.config.rank,
-                                    alpha=trained.config.alpha, seed=0).to(args.device).eval()
+        untrained = (
+            LookaheadModule(
+                model,
+                n_lookahead=trained.config.n_lookahead,
+                rank=trained.config.rank,
+                alpha=trained.config.alpha,
+                seed=0,
+            )
+            .to(args.device)
+            .eval()
+        )
         modules = {"lookaheadkv": trained, "lookaheadkv-untrained": untrained}
     work_dir = directory / "baselines"
     rows = evaluate(model, paths, policies, modules, args.budgets, work_dir)
@@ -278,8 +337,11 @@ def main(argv=None) -> int:
     for row in rows:
         row["length_target"] = length_of[row["key"]]
     recall, kl = summarise(rows, args.budgets)
-    settings = {"command": "python -m lookaheadkv_kernels.training.report " + " ".join(argv), **vars(args),
-                "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
+    settings = {
+        "command": "python -m lookaheadkv_kernels.training.report " + " ".join(argv),
+        **vars(args),
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(markdown(recall, kl, rows, args.budgets, settings))

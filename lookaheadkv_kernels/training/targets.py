@@ -32,7 +32,9 @@ def answer_importance(model, prompt_cache, answer_ids: torch.Tensor) -> list[tor
 
     def record(inputs):
         queries = inputs.queries(slice(None))  # the answer rows, at positions N..N+A-1
-        scores = attention_scores(queries, inputs.keys, num_scored=num_prompt, scale=inputs.parts.scaling, gqa_reduce="mean")
+        scores = attention_scores(
+            queries, inputs.keys, num_scored=num_prompt, scale=inputs.parts.scaling, gqa_reduce="mean"
+        )
         importance.append(normalise(scores))
 
     with tap_layers(model, record):
@@ -56,6 +58,7 @@ def topk_recall(predicted: torch.Tensor, target: torch.Tensor, budget: int) -> t
     Both [..., N]; budget < N. Ties are broken by position (torch.topk on the same values is not
     guaranteed stable, so ranks come from a stable sort).
     """
+
     def top(x):
         return torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :budget]
 

@@ -50,7 +50,9 @@ class TeacherRecord:
 
 
 @torch.no_grad()
-def teach(model, prompts: list[torch.Tensor], max_new_tokens: int, *, store_kv: bool = True) -> list[dict[str, torch.Tensor]]:
+def teach(
+    model, prompts: list[torch.Tensor], max_new_tokens: int, *, store_kv: bool = True
+) -> list[dict[str, torch.Tensor]]:
     """The tensors of one record per prompt (1-D id tensors): greedy answer, importance, optional prompt K/V.
 
     The prompts are answered together (left-padded; the attention mask keeps every prompt's
@@ -78,7 +80,9 @@ def teach(model, prompts: list[torch.Tensor], max_new_tokens: int, *, store_kv: 
         start = longest - prompt.shape[0]
         cache = DynamicCache()
         for idx, layer in enumerate(batch_cache.layers):
-            cache.update(layer.keys[row : row + 1, :, start:longest], layer.values[row : row + 1, :, start:longest], idx)
+            cache.update(
+                layer.keys[row : row + 1, :, start:longest], layer.values[row : row + 1, :, start:longest], idx
+            )
         tensors = {"prompt_ids": prompt.cpu(), "answer_ids": answer.cpu()}
         if store_kv:
             tensors["keys"] = torch.stack([layer.keys[0] for layer in cache.layers]).to("cpu", KV_DTYPE)
@@ -134,7 +138,9 @@ def build_records(
     return paths
 
 
-def write_record(path: str | Path, tensors: dict[str, torch.Tensor], *, key: str, task: str, prompt: str = "", answer: str = "") -> Path:
+def write_record(
+    path: str | Path, tensors: dict[str, torch.Tensor], *, key: str, task: str, prompt: str = "", answer: str = ""
+) -> Path:
     """Write the tensors of `teach` and their texts as one record file, atomically (never half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,4 +175,3 @@ def record_text(path: str | Path) -> dict[str, str]:
     """The prompt, answer, key and task stored with a record (for inspection)."""
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata())
-

@@ -75,7 +75,9 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.pool_kernel < 1 or self.pool_kernel % 2 == 0 or self.pool_type not in ("avg", "max"):
-            raise ValueError(f"need an odd pool_kernel >= 1 and pool_type 'avg' or 'max', got {self.pool_kernel!r}, {self.pool_type!r}")
+            raise ValueError(
+                f"need an odd pool_kernel >= 1 and pool_type 'avg' or 'max', got {self.pool_kernel!r}, {self.pool_type!r}"
+            )
         if not (self.lr > 0 and 0 <= self.final_lr_ratio <= 1 and self.clip_norm > 0):
             raise ValueError("need lr > 0, 0 <= final_lr_ratio <= 1 and clip_norm > 0")
         self.budgets = tuple(int(b) for b in self.budgets)
@@ -97,7 +99,9 @@ def pool(scores: torch.Tensor, config: TrainConfig) -> torch.Tensor:
     return pooled.reshape(scores.shape)
 
 
-def distributions(importance: torch.Tensor, scores: torch.Tensor, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def distributions(
+    importance: torch.Tensor, scores: torch.Tensor, config: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(target, predicted) [..., K] from the true importance and the lookahead scores [..., P]: the
     K = P - num_sink - recent scored keys, pooled per `config`, renormalised."""
     num_prompt = importance.shape[-1]
@@ -121,7 +125,9 @@ def record_loss(model, module: LookaheadModule, record: TeacherRecord, config: T
 
 
 @torch.no_grad()
-def validate(model, module: LookaheadModule, records: list[TeacherRecord], config: TrainConfig, device) -> dict[str, float]:
+def validate(
+    model, module: LookaheadModule, records: list[TeacherRecord], config: TrainConfig, device
+) -> dict[str, float]:
     """Mean KL and recall@budget (of the true top-budget keys among the predicted top-budget keys,
     mean over layers and heads, then over the records with more scored keys than the budget)."""
     kls, recalls = [], {b: [] for b in config.budgets}
@@ -225,7 +231,9 @@ class Trainer:
         schedule_free = {"eval_every", "checkpoint_every"}  # the only settings a resumed run may change
         differing = {k: (saved.get(k), v) for k, v in current.items() if k not in schedule_free and saved.get(k) != v}
         if differing:
-            raise ValueError(f"checkpoint {self.checkpoint_path} was made with other settings (saved, given): {differing}")
+            raise ValueError(
+                f"checkpoint {self.checkpoint_path} was made with other settings (saved, given): {differing}"
+            )
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -288,4 +296,7 @@ class Trainer:
 
     def _log(self, metrics: dict) -> None:
         if self.progress:
-            tqdm.write("validation " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+            tqdm.write(
+                "validation "
+                + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+            )

@@ -47,17 +47,20 @@ def available(device: torch.device | None = None) -> tuple[bool, str | None]:
 
 def lookahead_qproj(x, weight, bias, lora_a, lora_b, lora_scale, cos, sin, num_heads, norm_weight, eps):
     return _qproj_kernels.lookahead_qproj(
-        x, weight, bias, lora_a, lora_b, lora_scale, cos, sin, num_heads, norm_weight, eps)
+        x, weight, bias, lora_a, lora_b, lora_scale, cos, sin, num_heads, norm_weight, eps
+    )
 
 
 def attention_scores(q, k, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce):
     return _attention_kernels.attention_scores(
-        q, k, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce)
+        q, k, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce
+    )
 
 
 def lookahead_attention(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce):
     return _attention_kernels.lookahead_attention(
-        q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce)
+        q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce
+    )
 
 
 def select_compact(scores, k, v, budget, num_sink):

@@ -3,7 +3,7 @@ the small @triton.jit building blocks every kernel uses."""
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 import triton
@@ -21,7 +21,7 @@ PROGRAMS_PER_SM = 2
 INTERPRETER_SMS = 2
 
 
-@lru_cache(maxsize=None)
+@cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 

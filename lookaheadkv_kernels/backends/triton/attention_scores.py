@@ -54,9 +54,7 @@ _STATS_CONFIGS = [
 # and without the output, and the logits' MMA shapes and the reduction order of the per-head sums
 # depend on the config, so both variants share one autotune entry: WITH_OUT is not in the key, and
 # both pass tensors of the same dtypes (the key includes them), whichever variant runs first tunes.
-_PROB_CONFIGS = [
-    triton.Config({"BLOCK_N": n}, num_warps=8, num_stages=s) for n in (32, 64) for s in (2, 3)
-]
+_PROB_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=8, num_stages=s) for n in (32, 64) for s in (2, 3)]
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)
 _KEY = ["HEAD_DIM", "BLOCK_H", "BLOCK_TQ"]
 
@@ -73,20 +71,34 @@ def _row_block(pid_rows, q_chunks, G, Tq, BLOCK_H: tl.constexpr, BLOCK_TQ: tl.co
 
 
 @triton.jit
-def _load_queries(q_ptr, b, hq0, head, query, valid, stride_qb, stride_qh, stride_qt,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+def _load_queries(
+    q_ptr, b, hq0, head, query, valid, stride_qb, stride_qh, stride_qt, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr
+):
     d = tl.arange(0, BLOCK_D)
     rows = q_ptr + b.to(tl.int64) * stride_qb + (hq0 + head).to(tl.int64) * stride_qh + query.to(tl.int64) * stride_qt
     return tl.load(rows[:, None] + d[None, :], mask=valid[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
 
 
 @triton.jit
-def _logits(q, k_base, keys, key_hi, query_pos, stride_kn, qk_scale,
-            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+def _logits(
+    q,
+    k_base,
+    keys,
+    key_hi,
+    query_pos,
+    stride_kn,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """scale·log2(e)·q·kᵀ for the keys `keys`, -inf where a key is causally hidden or ≥ key_hi."""
     d = tl.arange(0, BLOCK_D)
-    k_t = tl.load(k_base + keys[None, :].to(tl.int64) * stride_kn + d[:, None],
-                  mask=(keys < key_hi)[None, :] & (d < HEAD_DIM)[:, None], other=0.0)
+    k_t = tl.load(
+        k_base + keys[None, :].to(tl.int64) * stride_kn + d[:, None],
+        mask=(keys < key_hi)[None, :] & (d < HEAD_DIM)[:, None],
+        other=0.0,
+    )
     s = dot_acc(q, k_t, tl.zeros((q.shape[0], keys.shape[0]), tl.float32), UPCAST) * qk_scale
     visible = (keys[None, :] <= query_pos[:, None]) & (keys < key_hi)[None, :]
     return tl.where(visible, s, float("-inf"))
@@ -95,11 +107,30 @@ def _logits(q, k_base, keys, key_hi, query_pos, stride_kn, qk_scale,
 @autotune(_STATS_CONFIGS, _INTERPRETER_CONFIG, key=_KEY)
 @triton.jit
 def _softmax_stats_kernel(
-    q_ptr, k_ptr, m_ptr, l_ptr,
-    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kn,
-    Hkv, G, Tq, N, q_chunks, num_splits, split_len, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_TQ: tl.constexpr,
-    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    m_ptr,
+    l_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    Hkv,
+    G,
+    Tq,
+    N,
+    q_chunks,
+    num_splits,
+    split_len,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_TQ: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     bg = tl.program_id(0)
     split = tl.program_id(1)
@@ -116,8 +147,9 @@ def _softmax_stats_kernel(
     m = tl.full((BLOCK_H * BLOCK_TQ,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_H * BLOCK_TQ,), tl.float32)
     for start in range(key_lo, key_hi, BLOCK_N):
-        logits = _logits(q, k_base, start + tl.arange(0, BLOCK_N), key_hi, query_pos, stride_kn, qk_scale,
-                         HEAD_DIM, BLOCK_D, UPCAST)
+        logits = _logits(
+            q, k_base, start + tl.arange(0, BLOCK_N), key_hi, query_pos, stride_kn, qk_scale, HEAD_DIM, BLOCK_D, UPCAST
+        )
         m_new = tl.maximum(m, tl.max(logits, axis=1))
         # A row with no visible key yet keeps m = -inf; subtracting 0 instead avoids -inf - -inf.
         base = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -133,12 +165,42 @@ def _softmax_stats_kernel(
 @autotune(_PROB_CONFIGS, _INTERPRETER_CONFIG, key=_KEY)
 @triton.jit
 def _probabilities_kernel(
-    q_ptr, k_ptr, v_ptr, m_ptr, l_ptr, raw_ptr, out_ptr,
-    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    Hkv, G, Tq, N, S, q_chunks, num_splits, split_len, key_limit, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_TQ: tl.constexpr,
-    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, GQA_MAX: tl.constexpr, QUERY_MAX: tl.constexpr,
-    REDUCE_GROUP: tl.constexpr, WITH_OUT: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    m_ptr,
+    l_ptr,
+    raw_ptr,
+    out_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    Hkv,
+    G,
+    Tq,
+    N,
+    S,
+    q_chunks,
+    num_splits,
+    split_len,
+    key_limit,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_TQ: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    GQA_MAX: tl.constexpr,
+    QUERY_MAX: tl.constexpr,
+    REDUCE_GROUP: tl.constexpr,
+    WITH_OUT: tl.constexpr,
 ):
     """A head's per-key value is its probabilities' mean over the Tq queries, or their max with
     QUERY_MAX (rows outside the block's heads/queries are 0 and probabilities are ≥ 0, so they never
@@ -166,7 +228,8 @@ def _probabilities_kernel(
     l = tl.zeros((BLOCK_H * BLOCK_TQ,), tl.float32)
     for part in range(num_splits):
         l += tl.load(l_ptr + stat + part * (G * Tq), mask=valid, other=1.0) * tl.exp2(
-            tl.load(m_ptr + stat + part * (G * Tq), mask=valid, other=0.0) - base)
+            tl.load(m_ptr + stat + part * (G * Tq), mask=valid, other=0.0) - base
+        )
     inv_l = 1.0 / l
     inv_tq = 1.0 / Tq
 
@@ -184,8 +247,11 @@ def _probabilities_kernel(
         visible = valid[:, None] & (keys[None, :] <= query_pos[:, None]) & (keys < key_hi)[None, :]
         p = tl.where(visible, tl.exp2(logits - base[:, None]) * inv_l[:, None], 0.0)
         if WITH_OUT:
-            v = tl.load(v_base + keys[:, None].to(tl.int64) * stride_vn + d[None, :],
-                        mask=(keys < key_hi)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+            v = tl.load(
+                v_base + keys[:, None].to(tl.int64) * stride_vn + d[None, :],
+                mask=(keys < key_hi)[:, None] & (d < HEAD_DIM)[None, :],
+                other=0.0,
+            )
             acc = dot_acc(p.to(v.dtype), v, acc, UPCAST)
         if QUERY_MAX:
             # p is in [0, 1] or NaN: NaN → +inf for a plain tl.max (one fast reduction, also in the
@@ -198,26 +264,34 @@ def _probabilities_kernel(
         scored = keys < tl.minimum(key_hi, S)
         if REDUCE_GROUP:
             if GQA_MAX:
-                raw = tl.reduce(tl.where((head_of_block < G)[:, None], per_head, float("-inf")), 0,
-                                max_propagate_nan)
+                raw = tl.reduce(tl.where((head_of_block < G)[:, None], per_head, float("-inf")), 0, max_propagate_nan)
             else:
                 raw = tl.sum(per_head, axis=0) / G
             tl.store(raw_ptr + bg.to(tl.int64) * S + keys, raw, mask=scored)
         else:
             q_chunk = pid_rows % q_chunks
             row = (bg * q_chunks + q_chunk) * G + head_of_block
-            tl.store(raw_ptr + row[:, None].to(tl.int64) * S + keys[None, :], per_head,
-                     mask=(head_of_block < G)[:, None] & scored[None, :])
+            tl.store(
+                raw_ptr + row[:, None].to(tl.int64) * S + keys[None, :],
+                per_head,
+                mask=(head_of_block < G)[:, None] & scored[None, :],
+            )
     if WITH_OUT:
         out_row = ((split * tl.num_programs(0) + bg) * G + head).to(tl.int64) * Tq + query
-        tl.store(out_ptr + out_row[:, None] * HEAD_DIM + d[None, :], acc,
-                 mask=valid[:, None] & (d < HEAD_DIM)[None, :])
+        tl.store(out_ptr + out_row[:, None] * HEAD_DIM + d[None, :], acc, mask=valid[:, None] & (d < HEAD_DIM)[None, :])
 
 
 @triton.jit
 def _reduce_pool_kernel(
-    sums_ptr, scores_ptr, S, heads_in, chunks_in,
-    POOL: tl.constexpr, POOL_MAX: tl.constexpr, GQA_MAX: tl.constexpr, QUERY_MAX: tl.constexpr,
+    sums_ptr,
+    scores_ptr,
+    S,
+    heads_in,
+    chunks_in,
+    POOL: tl.constexpr,
+    POOL_MAX: tl.constexpr,
+    GQA_MAX: tl.constexpr,
+    QUERY_MAX: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
     """scores[bg, j] = pool over j' in the window of R_h (C_c sums[bg, c, h, j']), C = sum, or max
@@ -298,22 +372,43 @@ def _run(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_r
     row_blocks = triton.cdiv(G, block_h) * q_chunks
     num_splits, split_len = _key_splits(N, B * Hkv * row_blocks, device)
     grid = (B * Hkv, num_splits, row_blocks)
-    shapes = dict(HEAD_DIM=D, BLOCK_D=max(next_pow2(D), BLOCK_D_MIN), BLOCK_H=block_h, BLOCK_TQ=block_tq,
-                  UPCAST=dot_upcast(q.dtype))
+    shapes = dict(
+        HEAD_DIM=D,
+        BLOCK_D=max(next_pow2(D), BLOCK_D_MIN),
+        BLOCK_H=block_h,
+        BLOCK_TQ=block_tq,
+        UPCAST=dot_upcast(q.dtype),
+    )
     qk_scale = scale * LOG2E
 
     m = torch.empty(B * Hkv * num_splits * G * Tq, dtype=torch.float32, device=device)
     l = torch.empty_like(m)
     _softmax_stats_kernel[grid](
-        q, k, m, l, *q.stride()[:3], *k.stride()[:3],
-        Hkv, G, Tq, N, q_chunks, num_splits, split_len, qk_scale, **shapes,
+        q,
+        k,
+        m,
+        l,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        Hkv,
+        G,
+        Tq,
+        N,
+        q_chunks,
+        num_splits,
+        split_len,
+        qk_scale,
+        **shapes,
     )
 
     reduce_group = row_blocks == 1
     scores = torch.empty(B, Hkv, S, dtype=torch.float32, device=device)
     direct = reduce_group and pool_kernel == 1
-    sums = scores if direct else torch.empty(
-        B * Hkv * (1 if reduce_group else q_chunks * G) * S, dtype=torch.float32, device=device)
+    sums = (
+        scores
+        if direct
+        else torch.empty(B * Hkv * (1 if reduce_group else q_chunks * G) * S, dtype=torch.float32, device=device)
+    )
     if with_out:
         out = torch.empty(B, Hq, Tq, D, dtype=q.dtype, device=device)
         out_parts = torch.empty(num_splits, B, Hq, Tq, D, dtype=torch.float32, device=device)
@@ -322,21 +417,49 @@ def _run(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_r
         out = None
         out_parts, v_arg, v_strides = m, k, (0, 0, 0)
     _probabilities_kernel[grid](
-        q, k, v_arg, m, l, sums, out_parts,
-        *q.stride()[:3], *k.stride()[:3], *v_strides,
-        Hkv, G, Tq, N, S, q_chunks, num_splits, split_len, N if with_out else S, qk_scale, **shapes,
-        GQA_MAX=gqa_reduce == "max", QUERY_MAX=query_reduce == "max", REDUCE_GROUP=reduce_group,
+        q,
+        k,
+        v_arg,
+        m,
+        l,
+        sums,
+        out_parts,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v_strides,
+        Hkv,
+        G,
+        Tq,
+        N,
+        S,
+        q_chunks,
+        num_splits,
+        split_len,
+        N if with_out else S,
+        qk_scale,
+        **shapes,
+        GQA_MAX=gqa_reduce == "max",
+        QUERY_MAX=query_reduce == "max",
+        REDUCE_GROUP=reduce_group,
         WITH_OUT=with_out,
     )
     if not direct:
         _reduce_pool_kernel[(B * Hkv, triton.cdiv(S, POOL_BLOCK))](
-            sums, scores, S, 1 if reduce_group else G, 1 if reduce_group else q_chunks,
-            POOL=pool_kernel, POOL_MAX=pool_type == "max", GQA_MAX=gqa_reduce == "max",
-            QUERY_MAX=query_reduce == "max", BLOCK_S=POOL_BLOCK,
+            sums,
+            scores,
+            S,
+            1 if reduce_group else G,
+            1 if reduce_group else q_chunks,
+            POOL=pool_kernel,
+            POOL_MAX=pool_type == "max",
+            GQA_MAX=gqa_reduce == "max",
+            QUERY_MAX=query_reduce == "max",
+            BLOCK_S=POOL_BLOCK,
         )
     if with_out:
         _sum_splits_kernel[(triton.cdiv(out.numel(), SUM_BLOCK),)](
-            out_parts, out, out.numel(), num_splits, BLOCK=SUM_BLOCK)
+            out_parts, out, out.numel(), num_splits, BLOCK=SUM_BLOCK
+        )
     return out, scores
 
 

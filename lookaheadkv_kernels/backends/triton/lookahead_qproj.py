@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETING, autotune, dot_upcast, dot_acc, next_pow2, target_programs
+from ._common import INTERPRETING, autotune, dot_acc, dot_upcast, next_pow2, target_programs
 
 MIN_ROWS = 16  # tl.dot needs 16 rows on each side
 MAX_BLOCK_T = 64
@@ -34,7 +34,10 @@ EPILOGUE_ROWS = 16
 # skips the configs beyond sm_90's 227 KiB (float32 ones with the largest tiles and stages).
 _CONFIGS = [
     triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-    for n in (64, 128) for k in (64, 128) for w in (4, 8) for s in (3, 4)
+    for n in (64, 128)
+    for k in (64, 128)
+    for w in (4, 8)
+    for s in (3, 4)
 ]
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)
 
@@ -42,8 +45,18 @@ _INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4,
 @autotune(_CONFIGS, _INTERPRETER_CONFIG, key=["N_OUT", "K", "BLOCK_T"])
 @triton.jit
 def _split_k_matmul_kernel(
-    x_ptr, w_ptr, out_ptr, T, N_OUT, K, stride_xt, stride_wn, k_per_split,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    T,
+    N_OUT,
+    K,
+    stride_xt,
+    stride_wn,
+    k_per_split,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """out[split, t, n] = sum over k in this split's slice of x[t, k]·w[n, k] (float32 accumulation).
@@ -69,10 +82,26 @@ def _split_k_matmul_kernel(
 
 @triton.jit
 def _epilogue_kernel(
-    qw_ptr, xa_ptr, bias_ptr, lora_b_ptr, cos_ptr, sin_ptr, norm_ptr, out_ptr,
-    T, num_heads, rank, split_k, lora_scale, eps,
-    HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_NORM: tl.constexpr,
+    qw_ptr,
+    xa_ptr,
+    bias_ptr,
+    lora_b_ptr,
+    cos_ptr,
+    sin_ptr,
+    norm_ptr,
+    out_ptr,
+    T,
+    num_heads,
+    rank,
+    split_k,
+    lora_scale,
+    eps,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    HAS_NORM: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
     h = tl.program_id(0)
@@ -136,8 +165,17 @@ def _matmul_parts(x, w, split_k, k_per_split, block_t):
     parts = torch.empty(split_k, T, n_out, dtype=torch.float32, device=x.device)
     grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]), split_k, triton.cdiv(T, block_t))  # noqa: E731
     _split_k_matmul_kernel[grid](
-        x, w, parts, T, n_out, K, x.stride(0), w.stride(0), k_per_split,
-        BLOCK_T=block_t, UPCAST=dot_upcast(x.dtype),
+        x,
+        w,
+        parts,
+        T,
+        n_out,
+        K,
+        x.stride(0),
+        w.stride(0),
+        k_per_split,
+        BLOCK_T=block_t,
+        UPCAST=dot_upcast(x.dtype),
     )
     return parts
 
@@ -155,9 +193,25 @@ def lookahead_qproj(x, weight, bias, lora_a, lora_b, lora_scale, cos, sin, num_h
 
     out = torch.empty(T, num_heads, D, dtype=x.dtype, device=x.device)
     _epilogue_kernel[(num_heads, triton.cdiv(T, EPILOGUE_ROWS))](
-        qw, xa, bias, lora_b, cos, sin, norm_weight, out,
-        T, num_heads, lora_a.shape[0] if has_lora else 0, split_k, float(lora_scale), float(eps),
-        HEAD_DIM=D, BLOCK_HALF=next_pow2(D // 2), BLOCK_T=EPILOGUE_ROWS,
-        HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_NORM=norm_weight is not None,
+        qw,
+        xa,
+        bias,
+        lora_b,
+        cos,
+        sin,
+        norm_weight,
+        out,
+        T,
+        num_heads,
+        lora_a.shape[0] if has_lora else 0,
+        split_k,
+        float(lora_scale),
+        float(eps),
+        HEAD_DIM=D,
+        BLOCK_HALF=next_pow2(D // 2),
+        BLOCK_T=EPILOGUE_ROWS,
+        HAS_BIAS=bias is not None,
+        HAS_LORA=has_lora,
+        HAS_NORM=norm_weight is not None,
     )
     return out

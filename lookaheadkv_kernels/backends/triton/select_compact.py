@@ -74,9 +74,22 @@ def _radix_select(row_scores, stride_s, lo, hi, k, BLOCK: tl.constexpr, RADIX_BI
 
 @triton.jit
 def _threshold_kernel(
-    scores_ptr, threshold_ptr, need_ptr, above_before_ptr, ties_before_ptr,
-    Hkv, S, sink, n_pick, num_chunks, stride_sb, stride_sg, stride_ss,
-    BLOCK: tl.constexpr, CHUNK: tl.constexpr, RADIX_BITS: tl.constexpr,
+    scores_ptr,
+    threshold_ptr,
+    need_ptr,
+    above_before_ptr,
+    ties_before_ptr,
+    Hkv,
+    S,
+    sink,
+    n_pick,
+    num_chunks,
+    stride_sb,
+    stride_sg,
+    stride_ss,
+    BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr,
+    RADIX_BITS: tl.constexpr,
 ):
     row = tl.program_id(0)
     row_scores = scores_ptr + (row // Hkv).to(tl.int64) * stride_sb + (row % Hkv).to(tl.int64) * stride_sg
@@ -110,11 +123,35 @@ def _threshold_kernel(
 
 @triton.jit
 def _compact_kernel(
-    scores_ptr, k_ptr, v_ptr, threshold_ptr, need_ptr, above_before_ptr, ties_before_ptr,
-    kept_ptr, k_out_ptr, v_out_ptr,
-    Hkv, N, S, D, M, sink, n_pick, num_chunks,
-    stride_sb, stride_sg, stride_ss, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    scores_ptr,
+    k_ptr,
+    v_ptr,
+    threshold_ptr,
+    need_ptr,
+    above_before_ptr,
+    ties_before_ptr,
+    kept_ptr,
+    k_out_ptr,
+    v_out_ptr,
+    Hkv,
+    N,
+    S,
+    D,
+    M,
+    sink,
+    n_pick,
+    num_chunks,
+    stride_sb,
+    stride_sg,
+    stride_ss,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -145,10 +182,16 @@ def _compact_kernel(
     d = tl.arange(0, BLOCK_D)
     for d0 in range(0, D, BLOCK_D):
         m = keep[:, None] & ((d0 + d) < D)[None, :]
-        tl.store(k_out_ptr + out_row[:, None] * D + (d0 + d)[None, :],
-                 tl.load(k_rows[:, None] + (d0 + d)[None, :], mask=m), mask=m)
-        tl.store(v_out_ptr + out_row[:, None] * D + (d0 + d)[None, :],
-                 tl.load(v_rows[:, None] + (d0 + d)[None, :], mask=m), mask=m)
+        tl.store(
+            k_out_ptr + out_row[:, None] * D + (d0 + d)[None, :],
+            tl.load(k_rows[:, None] + (d0 + d)[None, :], mask=m),
+            mask=m,
+        )
+        tl.store(
+            v_out_ptr + out_row[:, None] * D + (d0 + d)[None, :],
+            tl.load(v_rows[:, None] + (d0 + d)[None, :], mask=m),
+            mask=m,
+        )
 
 
 def select_compact(scores, k, v, budget, num_sink):
@@ -166,18 +209,50 @@ def select_compact(scores, k, v, budget, num_sink):
     above_before = torch.empty(rows, num_chunks, dtype=torch.int32, device=device)
     ties_before = torch.empty_like(above_before)
     _threshold_kernel[(rows,)](
-        scores, threshold, need, above_before, ties_before,
-        Hkv, S, sink, n_pick, num_chunks, *scores.stride(),
-        BLOCK=SELECT_BLOCK, CHUNK=CHUNK, RADIX_BITS=RADIX_BITS, num_warps=8,
+        scores,
+        threshold,
+        need,
+        above_before,
+        ties_before,
+        Hkv,
+        S,
+        sink,
+        n_pick,
+        num_chunks,
+        *scores.stride(),
+        BLOCK=SELECT_BLOCK,
+        CHUNK=CHUNK,
+        RADIX_BITS=RADIX_BITS,
+        num_warps=8,
     )
 
     kept = torch.empty(B, Hkv, M, dtype=torch.int64, device=device)
     k_out = torch.empty(B, Hkv, M, D, dtype=k.dtype, device=device)
     v_out = torch.empty_like(k_out)
     _compact_kernel[(rows, triton.cdiv(N, CHUNK))](
-        scores, k, v, threshold, need, above_before, ties_before, kept, k_out, v_out,
-        Hkv, N, S, D, M, sink, n_pick, num_chunks,
-        *scores.stride(), *k.stride()[:3], *v.stride()[:3],
-        CHUNK=CHUNK, BLOCK_D=BLOCK_D, num_warps=8,
+        scores,
+        k,
+        v,
+        threshold,
+        need,
+        above_before,
+        ties_before,
+        kept,
+        k_out,
+        v_out,
+        Hkv,
+        N,
+        S,
+        D,
+        M,
+        sink,
+        n_pick,
+        num_chunks,
+        *scores.stride(),
+        *k.stride()[:3],
+        *v.stride()[:3],
+        CHUNK=CHUNK,
+        BLOCK_D=BLOCK_D,
+        num_warps=8,
     )
     return k_out, v_out, kept
