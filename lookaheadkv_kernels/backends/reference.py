@@ -114,3 +114,155 @@ def select_compact(scores, k, v, budget, num_sink):
     kept = kept_positions(scores, k.shape[2], budget, num_sink)
     index = kept[..., None].expand(-1, -1, -1, k.shape[-1])
     return k.gather(2, index), v.gather(2, index), kept
+
+
+# ---- paged ops: each sequence gathered out of the block cache, then the dense ops ------------------
+
+
+def _block_size(cache, layout):
+    return cache.shape[1] if layout == "NHD" else cache.shape[2]
+
+
+def _logical_slots(block_table_row, count, block_size):
+    """(block id, offset in block) of logical slots 0..count-1 of one sequence."""
+    slots = torch.arange(count, device=block_table_row.device)
+    return block_table_row.long()[slots // block_size], slots % block_size
+
+
+def gather_sequence(cache, block_table_row, length, layout):
+    """One sequence's [Hkv, length, D] out of a paged cache (NHD or HND blocks)."""
+    blocks, offsets = _logical_slots(block_table_row, length, _block_size(cache, layout))
+    rows = cache[blocks, offsets] if layout == "NHD" else cache[blocks, :, offsets]  # [length, Hkv, D]
+    return rows.transpose(0, 1)
+
+
+def _scatter_sequence(cache, block_table_row, rows, layout):
+    """Writes rows [Hkv, M, D] into logical slots 0..M-1 of one sequence."""
+    blocks, offsets = _logical_slots(block_table_row, rows.shape[1], _block_size(cache, layout))
+    if layout == "NHD":
+        cache[blocks, offsets] = rows.transpose(0, 1).to(cache.dtype)
+    else:
+        cache[blocks, :, offsets] = rows.transpose(0, 1).to(cache.dtype)
+
+
+def _paged_attention(
+    q,
+    q_offsets,
+    k_cache,
+    v_cache,
+    block_table,
+    seq_lens,
+    num_scored,
+    scale,
+    gqa_reduce,
+    pool_kernel,
+    pool_type,
+    query_reduce,
+    layout,
+):
+    B = block_table.shape[0]
+    capacity = block_table.shape[1] * _block_size(k_cache, layout)
+    scores = torch.full(
+        (B, k_cache.shape[-2 if layout == "NHD" else 1], capacity),
+        float("-inf"),
+        dtype=_score_dtype(q),
+        device=q.device,
+    )
+    out = None if v_cache is None else torch.empty_like(q)
+    for b in range(B):
+        n, s = int(seq_lens[b]), int(num_scored[b])
+        q0, q1 = int(q_offsets[b]), int(q_offsets[b + 1])
+        qb = q[q0:q1].transpose(0, 1)[None]
+        kb = gather_sequence(k_cache, block_table[b], n, layout)[None]
+        if v_cache is None:
+            sb = attention_scores(qb, kb, s, scale, gqa_reduce, pool_kernel, pool_type, query_reduce)
+        else:
+            vb = gather_sequence(v_cache, block_table[b], n, layout)[None]
+            ob, sb = lookahead_attention(qb, kb, vb, s, scale, gqa_reduce, pool_kernel, pool_type, query_reduce)
+            out[q0:q1] = ob[0].transpose(0, 1)
+        scores[b, :, :s] = sb[0]
+    return out, scores
+
+
+def paged_attention_scores(
+    q,
+    q_offsets,
+    k_cache,
+    block_table,
+    seq_lens,
+    num_scored,
+    scale,
+    gqa_reduce,
+    pool_kernel,
+    pool_type,
+    query_reduce,
+    layout,
+):
+    return _paged_attention(
+        q,
+        q_offsets,
+        k_cache,
+        None,
+        block_table,
+        seq_lens,
+        num_scored,
+        scale,
+        gqa_reduce,
+        pool_kernel,
+        pool_type,
+        query_reduce,
+        layout,
+    )[1]
+
+
+def paged_lookahead_attention(
+    q,
+    q_offsets,
+    k_cache,
+    v_cache,
+    block_table,
+    seq_lens,
+    num_scored,
+    scale,
+    gqa_reduce,
+    pool_kernel,
+    pool_type,
+    query_reduce,
+    layout,
+):
+    return _paged_attention(
+        q,
+        q_offsets,
+        k_cache,
+        v_cache,
+        block_table,
+        seq_lens,
+        num_scored,
+        scale,
+        gqa_reduce,
+        pool_kernel,
+        pool_type,
+        query_reduce,
+        layout,
+    )
+
+
+def paged_select_compact(scores, k_cache, v_cache, block_table, seq_lens, num_scored, budgets, num_sink, layout):
+    B, Hkv = scores.shape[:2]
+    capacity = block_table.shape[1] * _block_size(k_cache, layout)
+    new_lens = torch.empty(B, dtype=torch.int32, device=scores.device)
+    kept = torch.full((B, Hkv, capacity), -1, dtype=torch.int32, device=scores.device)
+    for b in range(B):
+        n, s, budget = int(seq_lens[b]), int(num_scored[b]), int(budgets[b])
+        if budget >= n:  # nothing to evict: the sequence is left as it is
+            new_lens[b] = n
+            kept[b, :, :n] = torch.arange(n, dtype=torch.int32, device=scores.device)
+            continue
+        positions = kept_positions(scores[b : b + 1, :, :s], n, budget, num_sink)[0]  # [Hkv, M]
+        index = positions.to(k_cache.device)[..., None].expand(-1, -1, k_cache.shape[-1])
+        for cache in (k_cache, v_cache):
+            rows = gather_sequence(cache, block_table[b], n, layout).gather(1, index)
+            _scatter_sequence(cache, block_table[b], rows, layout)
+        new_lens[b] = positions.shape[1]
+        kept[b, :, : positions.shape[1]] = positions.to(torch.int32)
+    return new_lens, kept

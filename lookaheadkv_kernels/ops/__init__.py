@@ -112,4 +112,133 @@ def select_compact(
     return _call("select_compact", backend, scores, k, v, budget, num_sink)
 
 
-__all__ = ["lookahead_qproj", "attention_scores", "lookahead_attention", "select_compact"]
+def _paged_defaults(q, seq_lens, num_scored, scale):
+    return (seq_lens if num_scored is None else num_scored), (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+
+
+def paged_attention_scores(
+    q: torch.Tensor,
+    q_offsets: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    num_scored: torch.Tensor | None = None,
+    scale: float | None = None,
+    gqa_reduce: str = "mean",
+    pool_kernel: int = 1,
+    pool_type: str = "max",
+    query_reduce: str = "mean",
+    layout: str = "NHD",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """`attention_scores` of a ragged batch whose keys live in a paged cache.
+
+    q [sum Tq_b, Hq, D] packs every sequence's queries (the last Tq_b of its seq_lens[b] positions),
+    q_offsets [B+1] their row offsets; k_cache [num_blocks, block_size, Hkv, D] ("NHD", vLLM) or
+    [num_blocks, Hkv, block_size, D] ("HND", FlashInfer); block_table [B, max_blocks] the block of each
+    logical block; num_scored [B] (default: seq_lens). Returns float32 scores
+    [B, Hkv, max_blocks * block_size], -inf past each sequence's num_scored.
+    """
+    num_scored, scale = _paged_defaults(q, seq_lens, num_scored, scale)
+    return _call(
+        "paged_attention_scores",
+        backend,
+        q,
+        q_offsets,
+        k_cache,
+        block_table,
+        seq_lens,
+        num_scored,
+        scale,
+        gqa_reduce,
+        pool_kernel,
+        pool_type,
+        query_reduce,
+        layout,
+    )
+
+
+def paged_lookahead_attention(
+    q: torch.Tensor,
+    q_offsets: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    num_scored: torch.Tensor | None = None,
+    scale: float | None = None,
+    gqa_reduce: str = "mean",
+    pool_kernel: int = 1,
+    pool_type: str = "max",
+    query_reduce: str = "mean",
+    layout: str = "NHD",
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention output [sum Tq_b, Hq, D] of the packed queries over their paged (k, v) and,
+    from the same pass, the scores of `paged_attention_scores` with the same arguments."""
+    num_scored, scale = _paged_defaults(q, seq_lens, num_scored, scale)
+    return _call(
+        "paged_lookahead_attention",
+        backend,
+        q,
+        q_offsets,
+        k_cache,
+        v_cache,
+        block_table,
+        seq_lens,
+        num_scored,
+        scale,
+        gqa_reduce,
+        pool_kernel,
+        pool_type,
+        query_reduce,
+        layout,
+    )
+
+
+def paged_select_compact(
+    scores: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    budgets: torch.Tensor,
+    *,
+    num_scored: torch.Tensor | None = None,
+    num_sink: int = 0,
+    layout: str = "NHD",
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`select_compact` of each sequence of a paged cache, in place: per sequence and KV head the
+    kept positions (sinks, the unscored tail [num_scored_b, seq_lens_b), the best-scoring rest) move,
+    in order, to logical slots [0, M_b) of the sequence's own blocks, M_b = min(budgets_b, seq_lens_b)
+    for every head. Returns (new_lens [B] int32 = M_b, kept [B, Hkv, max_blocks * block_size] int32,
+    ascending, -1 past M_b). A sequence with budgets_b >= seq_lens_b is left untouched. The caller
+    frees the blocks past ceil(M_b / block_size)."""
+    num_scored = seq_lens if num_scored is None else num_scored
+    return _call(
+        "paged_select_compact",
+        backend,
+        scores,
+        k_cache,
+        v_cache,
+        block_table,
+        seq_lens,
+        num_scored,
+        budgets,
+        num_sink,
+        layout,
+    )
+
+
+__all__ = [
+    "lookahead_qproj",
+    "attention_scores",
+    "lookahead_attention",
+    "select_compact",
+    "paged_attention_scores",
+    "paged_lookahead_attention",
+    "paged_select_compact",
+]

@@ -14,7 +14,15 @@ from functools import cache
 import torch
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
-OPS = ("lookahead_qproj", "attention_scores", "lookahead_attention", "select_compact")
+OPS = (
+    "lookahead_qproj",
+    "attention_scores",
+    "lookahead_attention",
+    "select_compact",
+    "paged_attention_scores",
+    "paged_lookahead_attention",
+    "paged_select_compact",
+)
 CUDA_BACKEND_ENV = "LOOKAHEADKV_CUDA_BACKEND"
 
 # Default implementation on CUDA devices, per op, in order of preference (the first available one

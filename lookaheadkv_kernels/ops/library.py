@@ -13,7 +13,7 @@ import torch
 
 from ..backends import reference
 from . import dispatch
-from .validation import CHECKS
+from .validation import CHECKS, PAGED_OPS, check_data, paged_geometry
 
 NAMESPACE = "lookaheadkv"
 
@@ -31,6 +31,20 @@ SCHEMAS = {
         'str pool_type, str query_reduce="mean") -> (Tensor, Tensor)'
     ),
     "select_compact": "(Tensor scores, Tensor k, Tensor v, int budget, int num_sink) -> (Tensor, Tensor, Tensor)",
+    "paged_attention_scores": (
+        "(Tensor q, Tensor q_offsets, Tensor k_cache, Tensor block_table, Tensor seq_lens, Tensor num_scored, "
+        'float scale, str gqa_reduce, int pool_kernel, str pool_type, str query_reduce="mean", str layout="NHD") '
+        "-> Tensor"
+    ),
+    "paged_lookahead_attention": (
+        "(Tensor q, Tensor q_offsets, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, "
+        "Tensor num_scored, float scale, str gqa_reduce, int pool_kernel, str pool_type, "
+        'str query_reduce="mean", str layout="NHD") -> (Tensor, Tensor)'
+    ),
+    "paged_select_compact": (
+        "(Tensor scores, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor block_table, Tensor seq_lens, "
+        'Tensor num_scored, Tensor budgets, int num_sink, str layout="NHD") -> (Tensor, Tensor)'
+    ),
 }
 
 
@@ -38,6 +52,8 @@ def run(op: str, backend: str, *args):
     """Validate `args` of `op` and run it on `backend` ("auto" = the device's default)."""
     checked = CHECKS[op](*args)
     device = checked[0].device
+    if op in PAGED_OPS and device.type == "cpu":
+        check_data(op, checked)
     return getattr(dispatch.resolve(op, device, backend), op)(*checked)
 
 
@@ -66,11 +82,96 @@ def _fake_select_compact(scores, k, v, budget, num_sink):
     return k.new_empty(B, H, M, D), v.new_empty(B, H, M, D), k.new_empty(B, H, M, dtype=torch.int64)
 
 
+def _capacity(block_table, k_cache, layout):
+    return block_table.shape[1] * paged_geometry(k_cache, layout)[0]
+
+
+def _fake_paged_attention_scores(
+    q,
+    q_offsets,
+    k_cache,
+    block_table,
+    seq_lens,
+    num_scored,
+    scale,
+    gqa_reduce,
+    pool_kernel,
+    pool_type,
+    query_reduce="mean",
+    layout="NHD",
+):
+    CHECKS["paged_attention_scores"](
+        q,
+        q_offsets,
+        k_cache,
+        block_table,
+        seq_lens,
+        num_scored,
+        scale,
+        gqa_reduce,
+        pool_kernel,
+        pool_type,
+        query_reduce,
+        layout,
+    )
+    Hkv = paged_geometry(k_cache, layout)[1]
+    return q.new_empty(block_table.shape[0], Hkv, _capacity(block_table, k_cache, layout), dtype=torch.float32)
+
+
+def _fake_paged_lookahead_attention(
+    q,
+    q_offsets,
+    k_cache,
+    v_cache,
+    block_table,
+    seq_lens,
+    num_scored,
+    scale,
+    gqa_reduce,
+    pool_kernel,
+    pool_type,
+    query_reduce="mean",
+    layout="NHD",
+):
+    CHECKS["paged_lookahead_attention"](
+        q,
+        q_offsets,
+        k_cache,
+        v_cache,
+        block_table,
+        seq_lens,
+        num_scored,
+        scale,
+        gqa_reduce,
+        pool_kernel,
+        pool_type,
+        query_reduce,
+        layout,
+    )
+    Hkv = paged_geometry(k_cache, layout)[1]
+    scores = q.new_empty(block_table.shape[0], Hkv, _capacity(block_table, k_cache, layout), dtype=torch.float32)
+    return q.new_empty(q.shape), scores
+
+
+def _fake_paged_select_compact(
+    scores, k_cache, v_cache, block_table, seq_lens, num_scored, budgets, num_sink, layout="NHD"
+):
+    CHECKS["paged_select_compact"](
+        scores, k_cache, v_cache, block_table, seq_lens, num_scored, budgets, num_sink, layout
+    )
+    B, Hkv = scores.shape[:2]
+    new_lens = scores.new_empty(B, dtype=torch.int32)
+    return new_lens, scores.new_empty(B, Hkv, _capacity(block_table, k_cache, layout), dtype=torch.int32)
+
+
 FAKES = {
     "lookahead_qproj": _fake_lookahead_qproj,
     "attention_scores": _fake_attention_scores,
     "lookahead_attention": _fake_lookahead_attention,
     "select_compact": _fake_select_compact,
+    "paged_attention_scores": _fake_paged_attention_scores,
+    "paged_lookahead_attention": _fake_paged_lookahead_attention,
+    "paged_select_compact": _fake_paged_select_compact,
 }
 
 

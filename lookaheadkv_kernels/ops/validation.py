@@ -214,9 +214,314 @@ def check_attention_scores(q, k, num_scored, scale, gqa_reduce, pool_kernel, poo
     return (q, k, *rest)
 
 
+# ---- paged ops -------------------------------------------------------------------------------------
+
+LAYOUTS = ("NHD", "HND")
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_index(name, t, ndim):
+    """An index tensor (block table, lengths, offsets, budgets): int32 or int64, read as int32."""
+    check_tensor(name, t, ndim, INDEX_DTYPES)
+    return t.to(torch.int32).contiguous()
+
+
+def paged_geometry(k_cache, layout):
+    """(block_size, Hkv, D) of a paged cache: NHD is [num_blocks, block_size, Hkv, D] (vLLM),
+    HND is [num_blocks, Hkv, block_size, D] (FlashInfer)."""
+    _, a, b, D = k_cache.shape
+    return (a, b, D) if layout == "NHD" else (b, a, D)
+
+
+def _check_caches(k_cache, v_cache, layout):
+    check_choice("layout", layout, LAYOUTS)
+    check_tensor("k_cache", k_cache, 4)
+    if v_cache is not None:
+        check_tensor("v_cache", v_cache, 4)
+        if v_cache.dtype != k_cache.dtype or v_cache.shape != k_cache.shape:
+            raise ValueError(
+                f"v_cache must match k_cache (shape {tuple(k_cache.shape)}, dtype {k_cache.dtype}), "
+                f"got {tuple(v_cache.shape)}, {v_cache.dtype}"
+            )
+    return paged_geometry(k_cache, layout)
+
+
+def _check_sequences(block_table, seq_lens, num_scored):
+    block_table = check_index("block_table", block_table, 2)
+    seq_lens = check_index("seq_lens", seq_lens, 1)
+    num_scored = check_index("num_scored", num_scored, 1)
+    B = block_table.shape[0]
+    for name, t in (("seq_lens", seq_lens), ("num_scored", num_scored)):
+        if t.shape[0] != B:
+            raise ValueError(f"{name} must have shape [{B}] (block_table's sequences), got {tuple(t.shape)}")
+    return block_table, seq_lens, num_scored
+
+
+def check_paged_attention(
+    q,
+    q_offsets,
+    k_cache,
+    v_cache,
+    block_table,
+    seq_lens,
+    num_scored,
+    scale,
+    gqa_reduce,
+    pool_kernel,
+    pool_type,
+    query_reduce,
+    layout,
+):
+    """Checks of paged_attention_scores (v_cache is None) and paged_lookahead_attention."""
+    block_size, Hkv, D = _check_caches(k_cache, v_cache, layout)
+    check_tensor("q", q, 3)
+    if q.dtype != k_cache.dtype:
+        raise TypeError(f"q must have k_cache's dtype {k_cache.dtype}, got {q.dtype}")
+    _, Hq, Dq = q.shape
+    if Dq != D:
+        raise ValueError(f"q's head_dim {Dq} differs from k_cache's head_dim {D}")
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be <= {MAX_HEAD_DIM}, got {D}")
+    if Hq % Hkv:
+        raise ValueError(f"q's heads ({Hq}) must be a multiple of k_cache's heads ({Hkv}) (GQA)")
+    block_table, seq_lens, num_scored = _check_sequences(block_table, seq_lens, num_scored)
+    q_offsets = check_index("q_offsets", q_offsets, 1)
+    if q_offsets.shape[0] != block_table.shape[0] + 1:
+        raise ValueError(
+            f"q_offsets must have shape [{block_table.shape[0] + 1}] (sequences + 1), got {tuple(q_offsets.shape)}"
+        )
+    check_finite("scale", scale)
+    check_choice("gqa_reduce", gqa_reduce, GQA_REDUCES)
+    check_int("pool_kernel", pool_kernel, 1)
+    if pool_kernel % 2 == 0 or pool_kernel > MAX_POOL_KERNEL:
+        raise ValueError(f"pool_kernel must be odd and <= {MAX_POOL_KERNEL}, got {pool_kernel}")
+    check_choice("pool_type", pool_type, POOL_TYPES)
+    check_choice("query_reduce", query_reduce, QUERY_REDUCES)
+    check_same_device(
+        q=q,
+        q_offsets=q_offsets,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        block_table=block_table,
+        seq_lens=seq_lens,
+        num_scored=num_scored,
+    )
+    return (
+        last_dim_contiguous(q),
+        q_offsets,
+        last_dim_contiguous(k_cache),
+        last_dim_contiguous(v_cache),
+        block_table,
+        seq_lens,
+        num_scored,
+        float(scale),
+        gqa_reduce,
+        pool_kernel,
+        pool_type,
+        query_reduce,
+        layout,
+    )
+
+
+def check_paged_attention_scores(
+    q,
+    q_offsets,
+    k_cache,
+    block_table,
+    seq_lens,
+    num_scored,
+    scale,
+    gqa_reduce,
+    pool_kernel,
+    pool_type,
+    query_reduce="mean",
+    layout="NHD",
+):
+    q, q_offsets, k_cache, _, *rest = check_paged_attention(
+        q,
+        q_offsets,
+        k_cache,
+        None,
+        block_table,
+        seq_lens,
+        num_scored,
+        scale,
+        gqa_reduce,
+        pool_kernel,
+        pool_type,
+        query_reduce,
+        layout,
+    )
+    return (q, q_offsets, k_cache, *rest)
+
+
+def check_paged_select_compact(
+    scores, k_cache, v_cache, block_table, seq_lens, num_scored, budgets, num_sink, layout="NHD"
+):
+    _check_caches(k_cache, v_cache, layout)
+    if v_cache is None:
+        raise ValueError("v_cache is required")
+    check_tensor("scores", scores, 3)
+    block_table, seq_lens, num_scored = _check_sequences(block_table, seq_lens, num_scored)
+    budgets = check_index("budgets", budgets, 1)
+    B = block_table.shape[0]
+    Hkv = paged_geometry(k_cache, layout)[1]
+    if tuple(scores.shape[:2]) != (B, Hkv):
+        raise ValueError(
+            f"scores must have shape [{B}, {Hkv}, S] (sequences, k_cache's heads), got {tuple(scores.shape)}"
+        )
+    if budgets.shape[0] != B:
+        raise ValueError(f"budgets must have shape [{B}] (block_table's sequences), got {tuple(budgets.shape)}")
+    check_int("num_sink", num_sink, 0)
+    check_same_device(
+        scores=scores,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        block_table=block_table,
+        seq_lens=seq_lens,
+        num_scored=num_scored,
+        budgets=budgets,
+    )
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache are compacted in place, so their last dim must be contiguous")
+    return scores.to(torch.float32), k_cache, v_cache, block_table, seq_lens, num_scored, budgets, num_sink, layout
+
+
+def check_paged_data(
+    block_table,
+    seq_lens,
+    num_scored,
+    num_blocks,
+    block_size,
+    *,
+    q_offsets=None,
+    budgets=None,
+    num_sink=0,
+    score_width=None,
+):
+    """The checks of the paged ops that read index data: run on CPU tensors, where they cost no
+    device synchronisation. On CUDA the kernels guard every index they read instead (docs/ops.md)."""
+    B, max_blocks = block_table.shape
+    capacity = max_blocks * block_size
+    n = seq_lens.long()
+    s = num_scored.long()
+    bad = lambda mask: int(mask.nonzero()[0, 0])  # noqa: E731 - first failing sequence
+    if (n < 1).any() or (n > capacity).any():
+        b = bad((n < 1) | (n > capacity))
+        raise ValueError(
+            f"seq_lens[{b}]={int(n[b])} must be in [1, {capacity}] (block_table holds {max_blocks} blocks of {block_size})"
+        )
+    if (s < 1).any() or (s > n).any():
+        b = bad((s < 1) | (s > n))
+        raise ValueError(f"num_scored[{b}]={int(s[b])} must be in [1, seq_lens[{b}]={int(n[b])}]")
+    if score_width is not None and (s > score_width).any():
+        b = bad(s > score_width)
+        raise ValueError(f"num_scored[{b}]={int(s[b])} exceeds the scores' width {score_width}")
+    used = (torch.arange(max_blocks, device=block_table.device)[None, :] * block_size) < n[:, None]
+    ids = block_table.long()
+    out_of_range = used & ((ids < 0) | (ids >= num_blocks))
+    if out_of_range.any():
+        b, j = (int(x) for x in out_of_range.nonzero()[0])
+        raise ValueError(f"block_table[{b}, {j}]={int(ids[b, j])} is not a block id in [0, {num_blocks})")
+    if q_offsets is not None:
+        offsets = q_offsets.long()
+        tq = offsets[1:] - offsets[:-1]
+        if int(offsets[0]) != 0:
+            raise ValueError(f"q_offsets[0] must be 0, got {int(offsets[0])}")
+        if (tq < 1).any() or (tq > n).any():
+            b = bad((tq < 1) | (tq > n))
+            raise ValueError(
+                f"sequence {b} has {int(tq[b])} queries (q_offsets[{b + 1}] - q_offsets[{b}]): "
+                f"need 1 <= queries <= seq_lens[{b}]={int(n[b])}"
+            )
+    if budgets is not None:
+        budget = budgets.long()
+        protected = torch.clamp(s, max=num_sink) + (n - s)
+        short = (budget < 1) | ((budget < n) & (budget < protected))
+        if short.any():
+            b = bad(short)
+            raise ValueError(
+                f"budgets[{b}]={int(budget[b])} is below the {int(protected[b])} always-kept positions of sequence "
+                f"{b} ({min(num_sink, int(s[b]))} sinks + {int(n[b] - s[b])} unscored tail); raise it, or use >= 1"
+            )
+        # In-place compaction rewrites a compacted sequence's slots: a block of it that another slot
+        # (of any sequence) also maps would see its entries overwritten. Untouched sequences may share.
+        compacted = used & (budget < n)[:, None]
+        counts = torch.bincount(ids[used], minlength=num_blocks)
+        shared = compacted & (counts[ids.clamp(0, num_blocks - 1)] > 1)
+        if shared.any():
+            b = bad(shared.any(1))
+            raise ValueError(
+                f"sequence {b} is compacted in place but one of its blocks is also mapped by another slot of "
+                "block_table (shared prefix or repeated id): give it its own blocks first"
+            )
+
+
+def check_paged_lookahead_attention(
+    q,
+    q_offsets,
+    k_cache,
+    v_cache,
+    block_table,
+    seq_lens,
+    num_scored,
+    scale,
+    gqa_reduce,
+    pool_kernel,
+    pool_type,
+    query_reduce="mean",
+    layout="NHD",
+):
+    if v_cache is None:
+        raise ValueError("v_cache is required (paged_attention_scores scores without values)")
+    return check_paged_attention(
+        q,
+        q_offsets,
+        k_cache,
+        v_cache,
+        block_table,
+        seq_lens,
+        num_scored,
+        scale,
+        gqa_reduce,
+        pool_kernel,
+        pool_type,
+        query_reduce,
+        layout,
+    )
+
+
+def check_data(op, args):
+    """check_paged_data for the (already checked) arguments of a paged op."""
+    if op == "paged_select_compact":
+        scores, k_cache, _, block_table, seq_lens, num_scored, budgets, num_sink, layout = args
+        block_size = paged_geometry(k_cache, layout)[0]
+        check_paged_data(
+            block_table,
+            seq_lens,
+            num_scored,
+            k_cache.shape[0],
+            block_size,
+            budgets=budgets,
+            num_sink=num_sink,
+            score_width=scores.shape[2],
+        )
+        return
+    q_offsets, k_cache = args[1], args[2]
+    block_table, seq_lens, num_scored = args[-9:-6]
+    block_size = paged_geometry(k_cache, args[-1])[0]
+    check_paged_data(block_table, seq_lens, num_scored, k_cache.shape[0], block_size, q_offsets=q_offsets)
+    if int(q_offsets[-1]) != args[0].shape[0]:
+        raise ValueError(f"q_offsets[-1]={int(q_offsets[-1])} must equal q's rows {args[0].shape[0]}")
+
+
 CHECKS = {
     "lookahead_qproj": check_lookahead_qproj,
     "attention_scores": check_attention_scores,
     "lookahead_attention": check_attention,
     "select_compact": check_select_compact,
+    "paged_attention_scores": check_paged_attention_scores,
+    "paged_lookahead_attention": check_paged_lookahead_attention,
+    "paged_select_compact": check_paged_select_compact,
 }
+PAGED_OPS = ("paged_attention_scores", "paged_lookahead_attention", "paged_select_compact")
