@@ -1,7 +1,8 @@
 """Python API of the four ops, with keyword defaults and `backend=` selection (docs/ops.md).
 
 `backend="auto"` goes through torch.ops.lookaheadkv (device dispatch, torch.compile-friendly);
-any other backend name validates the arguments the same way and calls that backend directly.
+any other backend name validates the arguments the same way and calls that backend directly, with
+the same autograd.
 """
 
 from __future__ import annotations
@@ -10,13 +11,16 @@ import math
 
 import torch
 
-from .library import run
+from .library import ARGUMENTS, run_differentiable
+from .validation import check_arguments
 
 
 def _call(op, backend, *args):
     if backend == "auto":
+        if not torch.compiler.is_compiling():  # traced calls get fake-kernel checks (and may hold SymInts)
+            check_arguments(ARGUMENTS[op], args)
         return getattr(torch.ops.lookaheadkv, op)(*args)
-    return run(op, backend, *args)
+    return run_differentiable(op, backend, *args)
 
 
 def lookahead_qproj(

@@ -4,10 +4,13 @@ Device kernels (CPU, CUDA, and any other device through the reference) validate 
 hand them to the backend chosen by ops/dispatch.py. Fake kernels validate too (shapes, dtypes,
 devices only) and allocate outputs, so the ops trace under torch.compile. Autograd of the
 differentiable ops recomputes the backward through the reference (used for training the lookahead
-module; the forward still runs the fast kernels).
+module; the forward still runs the fast kernels); select_compact's is the gather's (into k and v;
+the scores only choose). `run_differentiable` gives calls that name a backend the same autograd.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -184,6 +187,27 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*(inputs[i] for i in ctx.tensor_positions))
 
 
+def _setup_select_compact(ctx, inputs, output):
+    ctx.key_shape = inputs[1].shape
+    ctx.save_for_backward(output[2])
+
+
+def _backward_select_compact(ctx, grad_k, grad_v, _grad_kept):
+    (kept,) = ctx.saved_tensors
+    index = kept.unsqueeze(-1).expand(*kept.shape, ctx.key_shape[-1])
+
+    def scatter(grad):  # kept positions are distinct, so scatter is the gather's adjoint
+        return grad.new_zeros(ctx.key_shape).scatter(2, index, grad)
+
+    return (
+        None,
+        scatter(grad_k) if ctx.needs_input_grad[1] else None,
+        scatter(grad_v) if ctx.needs_input_grad[2] else None,
+        None,
+        None,
+    )
+
+
 def _make_backward(op: str):
     forward = getattr(reference, op)
 
@@ -214,6 +238,51 @@ def _make_backward(op: str):
 DIFFERENTIABLE = ("lookahead_qproj", "attention_scores", "lookahead_attention")
 
 
+def _autograd(op: str):
+    """(backward, setup_context) of a differentiable op, None for the others."""
+    if op == "select_compact":
+        return _backward_select_compact, _setup_select_compact
+    if op in DIFFERENTIABLE:
+        return _make_backward(op), _setup_context
+    return None
+
+
+@functools.cache
+def _explicit_function(op: str, backend: str):
+    backward, setup_context = _autograd(op)
+
+    class Explicit(torch.autograd.Function):
+        @staticmethod
+        def forward(*args):
+            return run(op, backend, *args)
+
+    Explicit.setup_context = staticmethod(setup_context)
+    Explicit.backward = staticmethod(backward)
+    return Explicit
+
+
+def run_differentiable(op: str, backend: str, *args):
+    """`run` with the autograd torch.ops.lookaheadkv.<op> has, so a named backend's outputs carry gradients too."""
+    wants_grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    if wants_grad and _autograd(op) is not None:
+        return _explicit_function(op, backend).apply(*args)
+    return run(op, backend, *args)
+
+
+def _argument_kinds(schema) -> tuple[tuple[str, str, bool], ...]:
+    """(name, kind, optional) per argument of a parsed schema, kind one of "tensor", "int", "float", "str"."""
+    kinds = {"TensorType": "tensor", "IntType": "int", "FloatType": "float", "StringType": "str"}
+    arguments = []
+    for arg in schema.arguments:
+        optional = arg.type.kind() == "OptionalType"
+        kind = (arg.type.getElementType() if optional else arg.type).kind()
+        arguments.append((arg.name, kinds[kind], optional))
+    return tuple(arguments)
+
+
+ARGUMENTS = {}  # per op: _argument_kinds of its schema, for validation.check_arguments
+
+
 def _register():
     for op, schema in SCHEMAS.items():
         qualname = f"{NAMESPACE}::{op}"
@@ -224,8 +293,10 @@ def _register():
 
         torch.library.impl(qualname, ("cpu", "cuda"), func=device_kernel)
         torch.library.register_fake(qualname)(FAKES[op])
-        if op in DIFFERENTIABLE:
-            torch.library.register_autograd(qualname, _make_backward(op), setup_context=_setup_context)
+        if _autograd(op) is not None:
+            backward, setup_context = _autograd(op)
+            torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+        ARGUMENTS[op] = _argument_kinds(getattr(torch.ops.lookaheadkv, op).default._schema)
 
 
 _register()

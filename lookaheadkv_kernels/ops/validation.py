@@ -1,9 +1,10 @@
 """Argument checks of the four ops (docs/ops.md), shared by every backend and by the fake kernels.
 
 Each `check_<op>` raises ValueError / TypeError naming the offending argument, and returns the
-arguments normalised for the backends: last dims made contiguous, small qproj parameters and
-select_compact's scores converted to float32. Only shapes, dtypes, devices and int/float arguments
-are inspected (never data), so the checks also run on fake tensors under torch.compile.
+arguments normalised for the backends: negative-bit views resolved, last dims made contiguous, small
+qproj parameters and select_compact's scores converted to float32. Only shapes, dtypes, layouts,
+devices and int/float arguments are inspected (never data), so the checks also run on fake tensors
+under torch.compile.
 """
 
 from __future__ import annotations
@@ -18,15 +19,22 @@ QUERY_REDUCES = ("mean", "max")
 POOL_TYPES = ("max", "avg")
 MAX_HEAD_DIM = 256
 MAX_POOL_KERNEL = 31
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _dtype_names(dtypes):
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
-def check_tensor(name, t, ndim, dtypes=FLOAT_DTYPES):
+def check_dense(name, t):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided or t.is_nested:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+
+
+def check_tensor(name, t, ndim, dtypes=FLOAT_DTYPES):
+    check_dense(name, t)
     if t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
     if t.dtype not in dtypes:
@@ -50,11 +58,36 @@ def check_int(name, value, minimum):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value > INT64_MAX:  # the kernels and torch.ops take int64
+        raise ValueError(f"{name} must be <= {INT64_MAX} (int64), got {value}")
 
 
 def check_finite(name, value):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ValueError(f"{name} must be a finite float, got {value!r}")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int beyond float range
+        finite = False
+    if not finite:
+        raise ValueError(f"{name} must be a finite float, got {value!r}")
+
+
+def check_arguments(arguments, values):
+    """The argument types of an op's schema, checked before torch.ops parses them (its own errors dump the
+    schema without naming the argument). `arguments`: (name, kind, optional) per schema argument, kind
+    one of "tensor", "int", "float", "str"."""
+    for (name, kind, optional), value in zip(arguments, values):
+        if value is None and optional:
+            continue
+        if kind == "tensor":
+            check_dense(name, value)
+        elif kind == "int":
+            check_int(name, value, INT64_MIN)
+        elif kind == "float":
+            check_finite(name, value)
+        elif kind == "str" and not isinstance(value, str):
+            raise TypeError(f"{name} must be a str, got {type(value).__name__}")
 
 
 def check_choice(name, value, choices):
@@ -63,14 +96,18 @@ def check_choice(name, value, choices):
 
 
 def last_dim_contiguous(t):
-    """The kernels index every dim by stride except the last, which must be dense."""
-    if t is None or t.stride(-1) == 1 or t.shape[-1] == 1:
+    """The kernels index every dim by stride except the last, which must be dense. A negative-bit view
+    (x.conj().imag) is materialised, as the dispatcher does before torch.ops kernels: kernels read raw memory."""
+    if t is None:
+        return t
+    t = t.resolve_neg()
+    if t.stride(-1) == 1 or t.shape[-1] == 1:
         return t
     return t.contiguous()
 
 
 def as_float32(t):
-    return None if t is None else t.to(torch.float32).contiguous()
+    return None if t is None else t.resolve_neg().to(torch.float32).contiguous()
 
 
 def _check_small_param(name, t, shape):
@@ -206,12 +243,18 @@ def check_select_compact(scores, k, v, budget, num_sink):
             f"({min(num_sink, S)} sinks + {N - S} unscored tail): raise budget or lower num_sink/the window"
         )
     check_same_device(scores=scores, k=k, v=v)
-    return scores.to(torch.float32), last_dim_contiguous(k), last_dim_contiguous(v), budget, num_sink
+    return scores.resolve_neg().to(torch.float32), last_dim_contiguous(k), last_dim_contiguous(v), budget, num_sink
 
 
 def check_attention_scores(q, k, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce="mean"):
     q, k, _, *rest = check_attention(q, k, None, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce)
     return (q, k, *rest)
+
+
+def check_lookahead_attention(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce="mean"):
+    if v is None:  # check_attention reads a missing v as attention_scores
+        raise TypeError("v must be a torch.Tensor, got NoneType: lookahead_attention needs the values")
+    return check_attention(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce)
 
 
 # ---- paged ops -------------------------------------------------------------------------------------
@@ -518,7 +561,7 @@ def check_data(op, args):
 CHECKS = {
     "lookahead_qproj": check_lookahead_qproj,
     "attention_scores": check_attention_scores,
-    "lookahead_attention": check_attention,
+    "lookahead_attention": check_lookahead_attention,
     "select_compact": check_select_compact,
     "paged_attention_scores": check_paged_attention_scores,
     "paged_lookahead_attention": check_paged_lookahead_attention,
