@@ -67,7 +67,12 @@ def _compile(command):
 def load():
     import pybind11
 
-    inputs = [HEADER, ROOT / "csrc" / "common.h", *sorted((ROOT / "csrc" / "cuda").glob("*.cuh")), *_sources()]
+    inputs = [
+        HEADER,
+        *sorted((ROOT / "csrc").glob("*.h")),
+        *sorted((ROOT / "csrc" / "cuda").glob("*.cuh")),
+        *_sources(),
+    ]
     digest = hashlib.sha256(" ".join(FLAGS).encode())
     for path in inputs:
         digest.update(path.read_bytes())

@@ -184,20 +184,20 @@ template <class T>
 void stats_chunk(const AttentionArgs& a, const Geometry& g, const float* qt, const int32_t* lane_query, int64_t bg,
                  int64_t c, Scratch& s, float* m_c, float* l_c, float* o_c, float* logits) {
   const int64_t b = bg / a.Hkv, h = bg % a.Hkv;
-  const T* kbase = static_cast<const T*>(a.k) + b * a.k_b + h * a.k_h;
-  const T* vbase = o_c ? static_cast<const T*>(a.v) + b * a.v_b + h * a.v_h : nullptr;
+  const T* kbase = static_cast<const T*>(a.k) + b * a.k_sb + h * a.k_sh;
+  const T* vbase = o_c ? static_cast<const T*>(a.v) + b * a.v_sb + h * a.v_sh : nullptr;
   std::fill(m_c, m_c + g.Rp, kNegInf);
   std::fill(l_c, l_c + g.Rp, 0.0f);
   if (o_c) std::fill(o_c, o_c + g.Dv * g.Rp, 0.0f);
   const int64_t blk_end = std::min(g.nblocks, (c + 1) * g.chunk_blocks);
   for (int64_t blk = c * g.chunk_blocks; blk < blk_end; ++blk) {
     const int64_t j0 = blk * kKeyBlock;
-    block_logits(kbase, a.k_n, j0, a, g, qt, s);
+    block_logits(kbase, a.k_sn, j0, a, g, qt, s);
     if (logits && blk < g.score_blocks) std::copy_n(s.lt, kKeyBlock * g.Rp, stored_block(logits, g, blk));
     mask_block(s.lt, g.Rp, j0, lane_query, a.N, a.Tq, kNegInf);
     softmax_block(s.lt, g.Rp, m_c, l_c, s.alpha, s.shift);
     if (o_c) {
-      load_rows(vbase + j0 * a.v_n, a.v_n, std::min(kKeyBlock, a.N - j0), a.D, s.vf, g.Dv, kKeyBlock);
+      load_rows(vbase + j0 * a.v_sn, a.v_sn, std::min(kKeyBlock, a.N - j0), a.D, s.vf, g.Dv, kKeyBlock);
       // o_c[d][r] = o_c[d][r]·alpha[r] + Σ_j V[j][d]·P[j][r]
       gemm_lanes<true>(g.Dv, g.Rp, kKeyBlock, s.vf, 1, g.Dv, s.lt, g.Rp, o_c, g.Rp, s.alpha);
     }
@@ -298,7 +298,7 @@ template <class T>
 void score_chunk(const AttentionArgs& a, const Geometry& g, const float* qt, const int32_t* lane_query, int64_t bg,
                  int64_t c, Scratch& s, const float* shift, const float* inv_l, float* logits, float* raw) {
   const int64_t b = bg / a.Hkv, h = bg % a.Hkv;
-  const T* kbase = static_cast<const T*>(a.k) + b * a.k_b + h * a.k_h;
+  const T* kbase = static_cast<const T*>(a.k) + b * a.k_sb + h * a.k_sh;
   const int64_t blk_end = std::min(g.score_blocks, (c + 1) * g.chunk_blocks);
   const float inv_heads = 1.0f / float(g.G);
   for (int64_t blk = c * g.chunk_blocks; blk < blk_end; ++blk) {
@@ -308,7 +308,7 @@ void score_chunk(const AttentionArgs& a, const Geometry& g, const float* qt, con
     if (logits)
       lt = stored_block(logits, g, blk);  // probabilities overwrite them: each block is read once
     else
-      block_logits(kbase, a.k_n, j0, a, g, qt, s);
+      block_logits(kbase, a.k_sn, j0, a, g, qt, s);
     for (int64_t j = 0; j < nscored; ++j) {
       float* row = lt + j * g.Rp;
       for (int64_t r = 0; r < g.Rp; ++r) row[r] = exp_nonpositive(row[r] - shift[r]) * inv_l[r];
@@ -319,10 +319,11 @@ void score_chunk(const AttentionArgs& a, const Geometry& g, const float* qt, con
       float reduced = 0.0f;
       for (int64_t hg = 0; hg < g.G; ++hg) {
         const float* head = row + hg * a.Tq;
-        const float per_head = a.query_max ? lane_max(head, a.Tq) : lane_sum(head, a.Tq) / float(a.Tq);
-        reduced = hg == 0 ? per_head : a.gqa_max ? nan_max(reduced, per_head) : reduced + per_head;
+        const float per_head =
+            (a.query_reduce == Reduce::kMax) ? lane_max(head, a.Tq) : lane_sum(head, a.Tq) / float(a.Tq);
+        reduced = hg == 0 ? per_head : (a.gqa_reduce == Reduce::kMax) ? nan_max(reduced, per_head) : reduced + per_head;
       }
-      raw[j0 + j] = a.gqa_max ? reduced : reduced * inv_heads;
+      raw[j0 + j] = (a.gqa_reduce == Reduce::kMax) ? reduced : reduced * inv_heads;
     }
   }
 }
@@ -340,11 +341,11 @@ void pool_row(const float* raw, float* scores, int64_t S, int64_t kernel, bool p
 }
 
 template <class T>
-void run(const AttentionArgs& a) {
+void run(const AttentionArgs& a, int num_threads) {
   const Geometry g = geometry(a);
   const bool with_out = a.out != nullptr;
   const bool pooled = a.pool_kernel > 1;
-  const int threads = a.num_threads > 0 ? a.num_threads : omp_get_max_threads();
+  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
 
   FloatBuffer qt = alloc_floats(g.BG * a.D * g.Rp);
   FloatBuffer part_m = alloc_floats(g.BG * g.nchunks * g.Rp);
@@ -372,7 +373,7 @@ void run(const AttentionArgs& a) {
       float* dst = qt.get() + bg * a.D * g.Rp;
       std::fill(dst, dst + a.D * g.Rp, 0.0f);
       for (int64_t r = 0; r < g.R; ++r) {
-        const T* src = static_cast<const T*>(a.q) + b * a.q_b + (h * g.G + r / a.Tq) * a.q_h + (r % a.Tq) * a.q_t;
+        const T* src = static_cast<const T*>(a.q) + b * a.q_sb + (h * g.G + r / a.Tq) * a.q_sh + (r % a.Tq) * a.q_st;
         for (int64_t d = 0; d < a.D; ++d) dst[d * g.Rp + r] = to_float(src[d]) * a.scale;
       }
     }
@@ -409,15 +410,15 @@ void run(const AttentionArgs& a) {
     if (pooled) {
 #pragma omp for schedule(static)
       for (int64_t bg = 0; bg < g.BG; ++bg)
-        pool_row(raw.get() + bg * a.S, a.scores + bg * a.S, a.S, a.pool_kernel, a.pool_max);
+        pool_row(raw.get() + bg * a.S, a.scores + bg * a.S, a.S, a.pool_kernel, a.pool_type == PoolType::kMax);
     }
   }
 }
 
 }  // namespace
 
-void attention(const AttentionArgs& args) {
-  dispatch_dtype(args.dtype, [&](auto tag) { run<decltype(tag)>(args); });
+void attention(const AttentionArgs& args, int num_threads) {
+  dispatch_dtype(args.dtype, [&](auto tag) { run<decltype(tag)>(args, num_threads); });
 }
 
 }  // namespace lookaheadkv::cpu

@@ -98,13 +98,13 @@ void gemv(int64_t rows, const MElem* m, int64_t m_row, int64_t K, const float* x
 }
 
 template <class Elem>
-void run(const QProjArgs& a) {
+void run(const QProjArgs& a, int num_threads) {
   const int64_t T = a.T, D = a.head_dim, H = a.hidden;
   const int64_t Tp = round_up(T, kLaneQuantum);
   const int64_t Dp = round_up(D, kTileRows);
   const int64_t rank = a.lora_a ? a.rank : 0;
   const int64_t rank_p = round_up(rank, kTileRows);
-  const int threads = a.num_threads > 0 ? a.num_threads : omp_get_max_threads();
+  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
   const bool use_gemv = T <= kGemvMaxRows;
 
   // x in fp32: transposed, xt[h][t] with zero lanes t >= T (lanes), or as rows [T][H] (GEMV)
@@ -125,13 +125,13 @@ void run(const QProjArgs& a) {
 
     if (use_gemv) {
 #pragma omp single
-      load_padded(static_cast<const Elem*>(a.x), a.x_row, T, H, xt.get(), H, T);
+      load_padded(static_cast<const Elem*>(a.x), a.x_row_stride, T, H, xt.get(), H, T);
     } else {
 #pragma omp for schedule(static)
       for (int64_t h = 0; h < H; ++h) {
         const Elem* col = static_cast<const Elem*>(a.x) + h;
         float* dst = xt.get() + h * Tp;
-        for (int64_t t = 0; t < Tp; ++t) dst[t] = t < T ? to_float(col[t * a.x_row]) : 0.0f;
+        for (int64_t t = 0; t < Tp; ++t) dst[t] = t < T ? to_float(col[t * a.x_row_stride]) : 0.0f;
       }
     }
 
@@ -151,17 +151,17 @@ void run(const QProjArgs& a) {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t head = 0; head < a.num_heads; ++head) {
       const int64_t f0 = head * D;  // first output feature of the head
-      const Elem* w_head = static_cast<const Elem*>(a.weight) + f0 * a.w_row;
+      const Elem* w_head = static_cast<const Elem*>(a.weight) + f0 * a.w_row_stride;
       if (use_gemv) {
-        gemv(D, w_head, a.w_row, H, xt.get(), H, T, qbuf, Tp);
+        gemv(D, w_head, a.w_row_stride, H, xt.get(), H, T, qbuf, Tp);
       } else if constexpr (std::is_same_v<Elem, float>) {
         // fp32 W is read in place by the micro-kernel, so its memory traffic overlaps the FMAs
         // (a separate conversion pass stalls on it: 1.7x slower, measured); only a partial last
         // tile of rows goes through a zero-padded copy.
         const int64_t full = D / kTileRows * kTileRows;
-        gemm_lanes<false>(full, Tp, H, w_head, a.w_row, 1, xt.get(), Tp, qbuf, Tp, nullptr);
+        gemm_lanes<false>(full, Tp, H, w_head, a.w_row_stride, 1, xt.get(), Tp, qbuf, Tp, nullptr);
         if (full < D) {
-          load_padded(w_head + full * a.w_row, a.w_row, D - full, H, wbuf, H, kTileRows);
+          load_padded(w_head + full * a.w_row_stride, a.w_row_stride, D - full, H, wbuf, H, kTileRows);
           gemm_lanes<false>(kTileRows, Tp, H, wbuf, H, 1, xt.get(), Tp, qbuf + full * Tp, Tp, nullptr);
         }
       } else {
@@ -171,8 +171,8 @@ void run(const QProjArgs& a) {
         for (int64_t o0 = 0; o0 < D; o0 += kTileRows) {
           for (int64_t h0 = 0; h0 < H; h0 += kConvertChunk) {
             const int64_t len = std::min(kConvertChunk, H - h0);
-            load_padded(w_head + o0 * a.w_row + h0, a.w_row, std::min<int64_t>(kTileRows, D - o0), len, wbuf,
-                        kConvertChunk, kTileRows);
+            load_padded(w_head + o0 * a.w_row_stride + h0, a.w_row_stride, std::min<int64_t>(kTileRows, D - o0), len,
+                        wbuf, kConvertChunk, kTileRows);
             if (h0 == 0)
               gemm_lanes<false>(kTileRows, Tp, len, wbuf, kConvertChunk, 1, xt.get(), Tp, qbuf + o0 * Tp, Tp, nullptr);
             else
@@ -213,8 +213,8 @@ void run(const QProjArgs& a) {
 
 }  // namespace
 
-void lookahead_qproj(const QProjArgs& args) {
-  dispatch_dtype(args.dtype, [&](auto tag) { run<decltype(tag)>(args); });
+void lookahead_qproj(const QProjArgs& args, int num_threads) {
+  dispatch_dtype(args.dtype, [&](auto tag) { run<decltype(tag)>(args, num_threads); });
 }
 
 }  // namespace lookaheadkv::cpu

@@ -153,8 +153,8 @@ int64_t kept_positions(const SelectArgs& a, const Row& row, RowScratch& s) {
   int64_t m = 0;
   for (; m < sink; ++m) row.kept[m] = m;
   if (n_pick > 0) {
-    const float* cand = row.scores + sink * a.s_s;
-    for (int64_t i = 0; i < n_cand; ++i) s.keys[i] = score_key(cand[i * a.s_s]);
+    const float* cand = row.scores + sink * a.s_ss;
+    for (int64_t i = 0; i < n_cand; ++i) s.keys[i] = score_key(cand[i * a.s_ss]);
     bool selected = false;
     if (n_pick * 2 * kSampleStride <= n_cand) {
       // Sparse selection (the usual budgets): an order statistic of every kSampleStride-th key
@@ -188,8 +188,8 @@ int64_t kept_positions(const SelectArgs& a, const Row& row, RowScratch& s) {
 
 void select_row(const SelectArgs& a, const Row& row, RowScratch& s) {
   const int64_t m = kept_positions(a, row, s);
-  const int64_t row_bytes = a.D * a.element_size;
-  const int64_t k_row = a.k_n * a.element_size, v_row = a.v_n * a.element_size;
+  const int64_t row_bytes = a.D * a.elem_size;
+  const int64_t k_row = a.k_sn * a.elem_size, v_row = a.v_sn * a.elem_size;
   for (int64_t i = 0; i < m; ++i) {
     std::memcpy(row.k_out + i * row_bytes, row.k + row.kept[i] * k_row, size_t(row_bytes));
     std::memcpy(row.v_out + i * row_bytes, row.v + row.kept[i] * v_row, size_t(row_bytes));
@@ -198,21 +198,21 @@ void select_row(const SelectArgs& a, const Row& row, RowScratch& s) {
 
 }  // namespace
 
-void select_compact(const SelectArgs& a) {
+void select_compact(const SelectArgs& a, int num_threads) {
   const int64_t rows = a.B * a.Hkv;
   const int64_t M = std::min(a.budget, a.N);
-  const int threads = a.num_threads > 0 ? a.num_threads : omp_get_max_threads();
+  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
   const int64_t scratch_words = round_up(RowScratch::words(a.S), 16);
   std::unique_ptr<uint32_t[]> scratch(new uint32_t[size_t(scratch_words * threads)]);
-  const int64_t out_row_bytes = M * a.D * a.element_size;
+  const int64_t out_row_bytes = M * a.D * a.elem_size;
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int64_t rg = 0; rg < rows; ++rg) {
     const int64_t b = rg / a.Hkv, h = rg % a.Hkv;
     const Row row{
-        a.scores + b * a.s_b + h * a.s_h,
-        static_cast<const char*>(a.k) + (b * a.k_b + h * a.k_h) * a.element_size,
-        static_cast<const char*>(a.v) + (b * a.v_b + h * a.v_h) * a.element_size,
+        a.scores + b * a.s_sb + h * a.s_sh,
+        static_cast<const char*>(a.k) + (b * a.k_sb + h * a.k_sh) * a.elem_size,
+        static_cast<const char*>(a.v) + (b * a.v_sb + h * a.v_sh) * a.elem_size,
         static_cast<char*>(a.k_out) + rg * out_row_bytes,
         static_cast<char*>(a.v_out) + rg * out_row_bytes,
         a.kept + rg * M,

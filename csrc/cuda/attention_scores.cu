@@ -612,7 +612,7 @@ void run(const AttentionArgs& a, char* workspace, int num_sms, Stream stream) {
   p.heads_per_block = plan.heads_per_block;
   p.nseg = plan.nseg;
   p.stats_chunks = plan.stats_chunks;
-  p.query_max = a.query_max;
+  p.query_max = a.query_reduce == Reduce::kMax;
   const bool dim_vec = (a.D * sizeof(T)) % 16 == 0;
   p.q_vec = dim_vec && rows_aligned16(a.q, sizeof(T), {{a.B, a.q_sb}, {a.Hq, a.q_sh}, {a.Tq, a.q_st}});
   p.k_vec = dim_vec && rows_aligned16(a.k, sizeof(T), {{a.B, a.k_sb}, {a.Hkv, a.k_sh}, {a.N, a.k_sn}});
@@ -638,9 +638,10 @@ void run(const AttentionArgs& a, char* workspace, int num_sms, Stream stream) {
   const int halo = static_cast<int>(a.pool_kernel / 2);
   launch("scores_finalize_kernel", scores_finalize_kernel,
          dim3(static_cast<unsigned>(ceil_div(a.S, kFinalTile)), static_cast<unsigned>(rows)), kFinalTile,
-         (kFinalTile + 2 * halo) * sizeof(float), stream, p.ws_col, p.Hq, p.Hkv, p.G, p.nseg, p.S, a.query_max,
-         1.f / p.Tq, 1.f / p.G, a.gqa_max, static_cast<int>(a.pool_kernel), 1.f / static_cast<float>(a.pool_kernel),
-         a.pool_avg, a.scores);
+         (kFinalTile + 2 * halo) * sizeof(float), stream, p.ws_col, p.Hq, p.Hkv, p.G, p.nseg, p.S,
+         a.query_reduce == Reduce::kMax, 1.f / p.Tq, 1.f / p.G, a.gqa_reduce == Reduce::kMax,
+         static_cast<int>(a.pool_kernel), 1.f / static_cast<float>(a.pool_kernel), a.pool_type == PoolType::kAvg,
+         a.scores);
 
   if (with_out) {
     const int64_t total = a.B * a.Hq * a.Tq * a.D;

@@ -293,7 +293,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename T>
-void run(const QprojArgs& a, const Plan& p, char* workspace, Stream stream) {
+void run(const QProjArgs& a, const Plan& p, char* workspace, Stream stream) {
   const T* x = static_cast<const T*>(a.x);
   const T* w = static_cast<const T*>(a.weight);
   const int T_ = static_cast<int>(a.T), hidden = static_cast<int>(a.hidden);
@@ -333,7 +333,7 @@ size_t qproj_workspace_bytes(int64_t T, int64_t hidden, int64_t out_features, in
   return make_plan(T, hidden, out_features, rank, num_sms).bytes;
 }
 
-void lookahead_qproj(const QprojArgs& a, void* workspace, int num_sms, Stream stream) {
+void lookahead_qproj(const QProjArgs& a, void* workspace, int num_sms, Stream stream) {
   check_arg(a.T >= 1 && a.hidden >= 1 && a.num_heads >= 1 && num_sms >= 1, "qproj: T, hidden, num_heads must be >= 1");
   check_arg(a.head_dim >= 2 && a.head_dim % 2 == 0, "qproj: head_dim must be even");
   check_arg(a.head_dim * sizeof(float) <= 48 * 1024, "qproj: head_dim must be <= 12288");

@@ -1,18 +1,13 @@
-"""Loading of the native modules (_C_cpu, _C_cuda) and the raw-argument helpers they need.
+"""Loading of the native modules (_C_cpu, _C_cuda).
 
-The native modules take data pointers, sizes, element strides and a dtype code; they never see a
-torch.Tensor, so they need no libtorch and one build serves every torch version.
+The modules take torch.Tensor arguments but read them through torch's Python API
+(csrc/tensor_args.h): they link no libtorch, so one build serves every torch version.
 """
 
 from __future__ import annotations
 
 import importlib
 from functools import cache
-
-import torch
-
-# Must match csrc/common.h::DType.
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 @cache
@@ -34,12 +29,3 @@ def native_module(name: str):
 def native_available(name: str) -> tuple[bool, str | None]:
     module, reason = _load(name)
     return module is not None, reason
-
-
-def dtype_code(t: torch.Tensor) -> int:
-    return DTYPE_CODES[t.dtype]
-
-
-def ptr(t: torch.Tensor | None) -> int:
-    """Data pointer, 0 for an absent optional tensor."""
-    return 0 if t is None else t.data_ptr()

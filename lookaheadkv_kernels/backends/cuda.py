@@ -1,12 +1,10 @@
 """Hand-written CUDA kernels (csrc/cuda/, native module _C_cuda) behind the backend interface.
 
-The native functions take data pointers, sizes, element strides, a dtype code and the caller's
-current stream. This module allocates the outputs and the workspace (its size from the native
-`*_workspace_bytes` query) with torch on the inputs' device and enqueues the kernels on the current
-stream: no host synchronisation, so every op is CUDA-graph capturable.
-
-Arguments arrive validated by the ops layer (docs/ops.md): last dims contiguous, the small qproj
-parameters and select_compact's scores float32.
+The native ops take their tensors (checked in csrc/op_bindings.h, as the CPU module's are), a
+workspace sized by the native `*_workspace_bytes` query, the multiprocessor count and the caller's
+current stream. This module allocates outputs and workspace with torch on the inputs' device; the
+kernels are enqueued on the current stream without host synchronisation, so every op is CUDA-graph
+capturable.
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ from functools import cache
 
 import torch
 
-from ._native import dtype_code, native_available, native_module, ptr
+from ._native import native_available, native_module
 
 __all__ = ["available", "lookahead_qproj", "attention_scores", "lookahead_attention", "select_compact"]
 
@@ -55,112 +53,41 @@ def _launch_on(device: torch.device) -> Launch:
 
 def run_lookahead_qproj(launch, x, weight, bias, lora_a, lora_b, lora_scale, cos, sin, num_heads, norm_weight, eps):
     T, hidden = x.shape
-    out_features = weight.shape[0]
-    head_dim = out_features // num_heads
     rank = 0 if lora_a is None else lora_a.shape[0]
-    out = launch.empty((T, num_heads, head_dim), x.dtype, x.device)
-    workspace = launch.empty(
-        (launch.module.qproj_workspace_bytes(T, hidden, out_features, rank, launch.num_sms),), torch.uint8, x.device
-    )
+    out = launch.empty((T, num_heads, weight.shape[0] // num_heads), x.dtype, x.device)
+    need = launch.module.qproj_workspace_bytes(T, hidden, weight.shape[0], rank, launch.num_sms)
+    workspace = launch.empty((need,), torch.uint8, x.device)
     launch.module.lookahead_qproj(
-        dtype_code(x),
-        ptr(x),
-        x.stride(0),
-        ptr(weight),
-        weight.stride(0),
-        ptr(bias),
-        ptr(lora_a),
-        ptr(lora_b),
-        rank,
-        float(lora_scale),
-        ptr(cos),
-        ptr(sin),
-        T,
-        hidden,
-        num_heads,
-        head_dim,
-        ptr(norm_weight),
-        float(eps),
-        ptr(out),
-        ptr(workspace),
-        launch.num_sms,
-        launch.stream,
-    )
+        x, weight, bias, lora_a, lora_b, lora_scale, cos, sin, num_heads, norm_weight, eps, out,
+        workspace, launch.num_sms, launch.stream,
+    )  # fmt: skip
     return out
 
 
 def run_attention(launch, q, k, v, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce):
     """(out, scores) of lookahead_attention; out is None when v is None (attention_scores)."""
-    B, Hq, Tq, D = q.shape
-    Hkv, N = k.shape[1], k.shape[2]
     with_out = v is not None
-    out = launch.empty(q.shape, q.dtype, q.device) if with_out else None
-    scores = launch.empty((B, Hkv, num_scored), torch.float32, q.device)
-    workspace_bytes = launch.module.attention_workspace_bytes(
-        dtype_code(q), B, Hq, Hkv, Tq, N, D, num_scored, with_out, launch.num_sms
-    )
-    workspace = launch.empty((workspace_bytes,), torch.uint8, q.device)
-    v_strides = v.stride()[:3] if with_out else (0, 0, 0)
-    launch.module.attention(
-        dtype_code(q),
-        ptr(q),
-        *q.stride()[:3],
-        ptr(k),
-        *k.stride()[:3],
-        ptr(v),
-        *v_strides,
-        B,
-        Hq,
-        Hkv,
-        Tq,
-        N,
-        D,
-        num_scored,
-        float(scale),
-        gqa_reduce == "max",
-        query_reduce == "max",
-        pool_kernel,
-        pool_type == "avg",
-        ptr(out),
-        ptr(scores),
-        ptr(workspace),
-        launch.num_sms,
-        launch.stream,
-    )
+    scores = launch.empty((q.shape[0], k.shape[1], num_scored), torch.float32, q.device)
+    need = launch.module.attention_workspace_bytes(q, k, num_scored, with_out, launch.num_sms)
+    workspace = launch.empty((need,), torch.uint8, q.device)
+    args = (num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce)
+    if not with_out:
+        launch.module.attention_scores(q, k, *args, scores, workspace, launch.num_sms, launch.stream)
+        return None, scores
+    out = launch.empty(q.shape, q.dtype, q.device)
+    launch.module.lookahead_attention(q, k, v, *args, out, scores, workspace, launch.num_sms, launch.stream)
     return out, scores
 
 
 def run_select_compact(launch, scores, k, v, budget, num_sink):
     B, Hkv, N, D = k.shape
-    S = scores.shape[2]
     M = min(budget, N)
     k_out = launch.empty((B, Hkv, M, D), k.dtype, k.device)
     v_out = launch.empty((B, Hkv, M, D), v.dtype, v.device)
     kept = launch.empty((B, Hkv, M), torch.int64, k.device)
-    workspace = launch.empty(
-        (launch.module.select_workspace_bytes(B, Hkv, N, S, budget, num_sink),), torch.uint8, k.device
-    )
-    launch.module.select_compact(
-        ptr(scores),
-        *scores.stride(),
-        ptr(k),
-        *k.stride()[:3],
-        ptr(v),
-        *v.stride()[:3],
-        k.element_size(),
-        B,
-        Hkv,
-        N,
-        D,
-        S,
-        budget,
-        num_sink,
-        ptr(k_out),
-        ptr(v_out),
-        ptr(kept),
-        ptr(workspace),
-        launch.stream,
-    )
+    need = launch.module.select_workspace_bytes(B, Hkv, N, scores.shape[2], budget, num_sink)
+    workspace = launch.empty((need,), torch.uint8, k.device)
+    launch.module.select_compact(scores, k, v, budget, num_sink, k_out, v_out, kept, workspace, launch.stream)
     return k_out, v_out, kept
 
 
