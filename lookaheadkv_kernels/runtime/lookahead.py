@@ -139,11 +139,7 @@ class LookaheadModule(nn.Module):
             raise FileNotFoundError(
                 f"{directory} is not a saved lookahead module (needs {CONFIG_FILE} and {WEIGHTS_FILE})"
             )
-        saved = json.loads(config_path.read_text())
-        if saved.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{config_path}: format_version {saved.get('format_version')!r}, expected {FORMAT_VERSION}"
-            )
+        saved = read_config(config_path)
         if saved["config_hash"] != config_hash(model.config):
             current = architecture(model.config)
             differing = {
@@ -164,8 +160,73 @@ class LookaheadModule(nn.Module):
             targets=tuple(saved["targets"]),
         )
         module.config.base_model = saved["base_model"]
-        module.load_state_dict(load_file(weights_path))
+        module.load_state_dict(read_weights(weights_path, module.state_dict()))
         return module
+
+
+CONFIG_KEYS = {  # key: (types, what it must be)
+    "format_version": (int, "an int"),
+    "base_model": (str, "a string"),
+    "config_hash": (str, "a string"),
+    "architecture": (dict, "an object"),
+    "n_lookahead": (int, "an int >= 1"),
+    "rank": (int, "an int >= 1"),
+    "alpha": ((int, float), "a positive number"),
+    "targets": (list, f"a non-empty list of distinct names from {list(ALL_TARGETS)}"),
+}
+
+
+def read_config(path: Path) -> dict:
+    """The saved LookaheadConfig in `path`, every key present, typed and in range; ValueError naming the file."""
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: must hold a JSON object, got {type(saved).__name__}")
+    if saved.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {saved.get('format_version')!r}, expected {FORMAT_VERSION}")
+    missing, unknown = sorted(set(CONFIG_KEYS) - set(saved)), sorted(set(saved) - set(CONFIG_KEYS))
+    if missing or unknown:
+        raise ValueError(f"{path}: missing keys {missing}, unknown keys {unknown}")
+    for key, (types, what) in CONFIG_KEYS.items():
+        value = saved[key]
+        valid = isinstance(value, types) and not isinstance(value, bool)
+        if valid and key in ("n_lookahead", "rank"):
+            valid = value >= 1
+        elif valid and key == "alpha":
+            valid = math.isfinite(value) and value > 0
+        elif valid and key == "targets":
+            valid = 0 < len(value) == len(set(value)) and all(isinstance(t, str) and t in ALL_TARGETS for t in value)
+        if not valid:
+            raise ValueError(f"{path}: {key} must be {what}, got {value!r}")
+    return saved
+
+
+def read_weights(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors in `path`, checked against a module's state dict `expected`: the same names and shapes,
+    floating and finite; ValueError naming the file."""
+    try:
+        tensors = load_file(path)
+    except Exception as error:  # safetensors raises its own error types for a damaged file
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+    missing, unknown = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unknown:
+        raise ValueError(
+            f"{path}: its tensors do not match the module its {CONFIG_FILE} describes "
+            f"(missing {missing[:4]}{' ...' if len(missing) > 4 else ''}, "
+            f"unknown {unknown[:4]}{' ...' if len(unknown) > 4 else ''})"
+        )
+    for name, want in expected.items():
+        t = tensors[name]
+        if t.shape != want.shape:
+            raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, expected {tuple(want.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{path}: {name} has dtype {t.dtype}, expected a floating dtype")
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise ValueError(f"{path}: {name} has {bad} non-finite values (NaN or inf) of {t.numel()}")
+    return tensors
 
 
 # ---- the lookahead stream --------------------------------------------------------------------
