@@ -106,14 +106,44 @@ struct Scratch {
         shift(alpha + g.Rp) {}
 };
 
-// dst[r][c] = src row r (fp32) for r < nrows, c < D; zero elsewhere in [total_rows][ld].
+// Rows j of one (batch, KV head) of K or V: dense at base + j·token_stride, or paged (blocks not
+// null) at base + blocks[j / block_size]·block_stride + (j % block_size)·token_stride.
 template <class T>
-void load_rows(const T* src, int64_t row_stride, int64_t nrows, int64_t D, float* dst, int64_t ld, int64_t total_rows) {
+struct RowSource {
+  const T* base;
+  int64_t token_stride;
+  const int32_t* blocks;
+  int64_t block_size, block_stride;
+
+  const T* row(int64_t j) const {
+    if (blocks == nullptr) return base + j * token_stride;
+    return base + blocks[j / block_size] * block_stride + (j % block_size) * token_stride;
+  }
+};
+
+template <class T>
+RowSource<T> key_rows(const AttentionArgs& a, int64_t b, int64_t h) {
+  const T* base = static_cast<const T*>(a.k) + h * a.k_sh;
+  if (a.k_blocks == nullptr) return {base + b * a.k_sb, a.k_sn, nullptr, 0, 0};
+  return {base, a.k_sn, a.k_blocks + b * a.blocks_stride, a.block_size, a.k_sblk};
+}
+
+template <class T>
+RowSource<T> value_rows(const AttentionArgs& a, int64_t b, int64_t h) {
+  const T* base = static_cast<const T*>(a.v) + h * a.v_sh;
+  if (a.k_blocks == nullptr) return {base + b * a.v_sb, a.v_sn, nullptr, 0, 0};
+  return {base, a.v_sn, a.k_blocks + b * a.blocks_stride, a.block_size, a.v_sblk};
+}
+
+// dst[r][c] = row j0 + r (fp32) for r < nrows, c < D; zero elsewhere in [total_rows][ld].
+template <class T>
+void load_rows(const RowSource<T>& src, int64_t j0, int64_t nrows, int64_t D, float* dst, int64_t ld,
+               int64_t total_rows) {
   for (int64_t r = 0; r < total_rows; ++r) {
     float* out = dst + r * ld;
     int64_t c = 0;
     if (r < nrows) {
-      const T* in = src + r * row_stride;
+      const T* in = src.row(j0 + r);
       for (; c < D; ++c) out[c] = to_float(in[c]);
     }
     for (; c < ld; ++c) out[c] = 0.0f;
@@ -169,9 +199,9 @@ __attribute__((noinline)) void softmax_block(float* lt, int64_t rp, float* m, fl
 
 // Logits Lt[j][r] of block j0 for every row of the group (hidden keys not masked yet).
 template <class T>
-void block_logits(const T* kbase, int64_t k_n, int64_t j0, const AttentionArgs& a, const Geometry& g, const float* qt,
+void block_logits(const RowSource<T>& keys, int64_t j0, const AttentionArgs& a, const Geometry& g, const float* qt,
                   Scratch& s) {
-  load_rows(kbase + j0 * k_n, k_n, std::min(kKeyBlock, a.N - j0), a.D, s.kf, a.D, kKeyBlock);
+  load_rows(keys, j0, std::min(kKeyBlock, a.N - j0), a.D, s.kf, a.D, kKeyBlock);
   gemm_lanes<false>(kKeyBlock, g.Rp, a.D, s.kf, a.D, 1, qt, g.Rp, s.lt, g.Rp, nullptr);
 }
 
@@ -184,20 +214,20 @@ template <class T>
 void stats_chunk(const AttentionArgs& a, const Geometry& g, const float* qt, const int32_t* lane_query, int64_t bg,
                  int64_t c, Scratch& s, float* m_c, float* l_c, float* o_c, float* logits) {
   const int64_t b = bg / a.Hkv, h = bg % a.Hkv;
-  const T* kbase = static_cast<const T*>(a.k) + b * a.k_sb + h * a.k_sh;
-  const T* vbase = o_c ? static_cast<const T*>(a.v) + b * a.v_sb + h * a.v_sh : nullptr;
+  const RowSource<T> keys = key_rows<T>(a, b, h);
+  const RowSource<T> values = o_c ? value_rows<T>(a, b, h) : RowSource<T>{};
   std::fill(m_c, m_c + g.Rp, kNegInf);
   std::fill(l_c, l_c + g.Rp, 0.0f);
   if (o_c) std::fill(o_c, o_c + g.Dv * g.Rp, 0.0f);
   const int64_t blk_end = std::min(g.nblocks, (c + 1) * g.chunk_blocks);
   for (int64_t blk = c * g.chunk_blocks; blk < blk_end; ++blk) {
     const int64_t j0 = blk * kKeyBlock;
-    block_logits(kbase, a.k_sn, j0, a, g, qt, s);
+    block_logits(keys, j0, a, g, qt, s);
     if (logits && blk < g.score_blocks) std::copy_n(s.lt, kKeyBlock * g.Rp, stored_block(logits, g, blk));
     mask_block(s.lt, g.Rp, j0, lane_query, a.N, a.Tq, kNegInf);
     softmax_block(s.lt, g.Rp, m_c, l_c, s.alpha, s.shift);
     if (o_c) {
-      load_rows(vbase + j0 * a.v_sn, a.v_sn, std::min(kKeyBlock, a.N - j0), a.D, s.vf, g.Dv, kKeyBlock);
+      load_rows(values, j0, std::min(kKeyBlock, a.N - j0), a.D, s.vf, g.Dv, kKeyBlock);
       // o_c[d][r] = o_c[d][r]·alpha[r] + Σ_j V[j][d]·P[j][r]
       gemm_lanes<true>(g.Dv, g.Rp, kKeyBlock, s.vf, 1, g.Dv, s.lt, g.Rp, o_c, g.Rp, s.alpha);
     }
@@ -247,7 +277,7 @@ void combine_group(const AttentionArgs& a, const Geometry& g, int64_t bg, const 
   T* out = static_cast<T*>(a.out);
   for (int64_t r = 0; r < g.R; ++r) {
     const int64_t head = h * g.G + r / a.Tq, query = r % a.Tq;
-    T* dst = out + ((b * a.Hq + head) * a.Tq + query) * a.D;
+    T* dst = out + b * a.out_sb + head * a.out_sh + query * a.out_st;
     for (int64_t d = 0; d < a.D; ++d) dst[d] = from_float<T>(acc[d * Rp + r]);
   }
 }
@@ -298,7 +328,7 @@ template <class T>
 void score_chunk(const AttentionArgs& a, const Geometry& g, const float* qt, const int32_t* lane_query, int64_t bg,
                  int64_t c, Scratch& s, const float* shift, const float* inv_l, float* logits, float* raw) {
   const int64_t b = bg / a.Hkv, h = bg % a.Hkv;
-  const T* kbase = static_cast<const T*>(a.k) + b * a.k_sb + h * a.k_sh;
+  const RowSource<T> keys = key_rows<T>(a, b, h);
   const int64_t blk_end = std::min(g.score_blocks, (c + 1) * g.chunk_blocks);
   const float inv_heads = 1.0f / float(g.G);
   for (int64_t blk = c * g.chunk_blocks; blk < blk_end; ++blk) {
@@ -308,7 +338,7 @@ void score_chunk(const AttentionArgs& a, const Geometry& g, const float* qt, con
     if (logits)
       lt = stored_block(logits, g, blk);  // probabilities overwrite them: each block is read once
     else
-      block_logits(kbase, a.k_sn, j0, a, g, qt, s);
+      block_logits(keys, j0, a, g, qt, s);
     for (int64_t j = 0; j < nscored; ++j) {
       float* row = lt + j * g.Rp;
       for (int64_t r = 0; r < g.Rp; ++r) row[r] = exp_nonpositive(row[r] - shift[r]) * inv_l[r];
@@ -357,6 +387,7 @@ void run(const AttentionArgs& a, int num_threads) {
   const int64_t group_logits = g.score_blocks * kKeyBlock * g.Rp;
   FloatBuffer logits = g.store_logits ? alloc_floats(g.wave * group_logits) : nullptr;
   float* raw_scores = pooled ? raw.get() : a.scores;
+  const int64_t raw_row = pooled ? a.S : a.scores_row;
   const int64_t scratch_floats = round_up(Scratch::floats(a, g), 16);
   FloatBuffer scratch = alloc_floats(scratch_floats * threads);
   std::unique_ptr<int32_t[]> lane_query(new int32_t[g.Rp]);
@@ -403,14 +434,14 @@ void run(const AttentionArgs& a, int num_threads) {
       for (int64_t item = bg0 * g.score_chunks; item < (bg0 + groups) * g.score_chunks; ++item) {
         const int64_t bg = item / g.score_chunks, c = item % g.score_chunks;
         score_chunk<T>(a, g, qt.get() + bg * a.D * g.Rp, lane_query.get(), bg, c, s, shift.get() + bg * g.Rp,
-                       inv_l.get() + bg * g.Rp, group_store(bg), raw_scores + bg * a.S);
+                       inv_l.get() + bg * g.Rp, group_store(bg), raw_scores + bg * raw_row);
       }
     }
 
     if (pooled) {
 #pragma omp for schedule(static)
       for (int64_t bg = 0; bg < g.BG; ++bg)
-        pool_row(raw.get() + bg * a.S, a.scores + bg * a.S, a.S, a.pool_kernel, a.pool_type == PoolType::kMax);
+        pool_row(raw.get() + bg * a.S, a.scores + bg * a.scores_row, a.S, a.pool_kernel, a.pool_type == PoolType::kMax);
     }
   }
 }
@@ -419,6 +450,25 @@ void run(const AttentionArgs& a, int num_threads) {
 
 void attention(const AttentionArgs& args, int num_threads) {
   dispatch_dtype(args.dtype, [&](auto tag) { run<decltype(tag)>(args, num_threads); });
+}
+
+// One sequence at a time through the dense computation, its keys read through its block table.
+void paged_attention(const PagedAttentionArgs& p, int num_threads) {
+  const AttentionArgs& all = p.a;
+  const int64_t elem = all.dtype == DType::kFloat32 ? 4 : 2;
+  std::fill(all.scores, all.scores + all.B * all.Hkv * all.scores_row, kNegInf);
+  for (int64_t b = 0; b < all.B; ++b) {
+    AttentionArgs a = all;
+    a.B = 1;
+    a.N = p.seq_lens[b];
+    a.S = p.num_scored[b];
+    a.Tq = p.q_offsets[b + 1] - p.q_offsets[b];
+    a.q = static_cast<const char*>(all.q) + p.q_offsets[b] * all.q_st * elem;
+    if (a.out != nullptr) a.out = static_cast<char*>(all.out) + p.q_offsets[b] * all.out_st * elem;
+    a.scores = all.scores + b * all.Hkv * all.scores_row;
+    a.k_blocks = all.k_blocks + b * all.blocks_stride;
+    attention(a, num_threads);
+  }
 }
 
 }  // namespace lookaheadkv::cpu

@@ -12,5 +12,8 @@ namespace lookaheadkv::cpu {
 void lookahead_qproj(const QProjArgs& args, int num_threads);
 void attention(const AttentionArgs& args, int num_threads);
 void select_compact(const SelectArgs& args, int num_threads);
+// Index data (block ids, lengths, offsets) checked by the caller (check_paged_indices).
+void paged_attention(const PagedAttentionArgs& args, int num_threads);
+void paged_select_compact(const PagedSelectArgs& args, int num_threads);
 
 }  // namespace lookaheadkv::cpu

@@ -222,4 +222,54 @@ void select_compact(const SelectArgs& a, int num_threads) {
   }
 }
 
+// Per (sequence, KV head): the kept positions of the dense rule, then each kept row moved to its
+// slot, in increasing slot order. kept[m] >= m and ascending, so the move to slot m reads a slot no
+// earlier move wrote (those are < m <= kept[m]) and later moves never read slot m (their sources are
+// > kept[m] >= m): the compaction is in place without a copy (docs/ops.md §6). Slots map to distinct
+// cache entries (the caller checks that the sequence's blocks are its own), and each (sequence,
+// head) owns its entries, so rows run in parallel.
+void paged_select_compact(const PagedSelectArgs& p, int num_threads) {
+  const int64_t capacity = p.max_blocks * p.block_size;
+  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+  const int64_t scratch_words = round_up(RowScratch::words(p.score_width), 16);
+  std::unique_ptr<uint32_t[]> scratch(new uint32_t[size_t(scratch_words * threads)]);
+  std::unique_ptr<int64_t[]> positions(new int64_t[size_t(capacity * threads)]);
+  const int64_t row_bytes = p.D * p.elem_size;
+
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t rg = 0; rg < p.B * p.Hkv; ++rg) {
+    const int64_t b = rg / p.Hkv, h = rg % p.Hkv;
+    const int64_t N = p.seq_lens[b];
+    SelectArgs a{};
+    a.s_ss = p.s_ss;
+    a.N = N;
+    a.S = p.num_scored[b];
+    a.budget = p.budgets[b];
+    a.num_sink = p.num_sink;
+    int64_t* kept = positions.get() + capacity * omp_get_thread_num();
+    const Row row{p.scores + b * p.s_sb + h * p.s_sh, nullptr, nullptr, nullptr, nullptr, kept};
+    RowScratch s(scratch.get() + scratch_words * omp_get_thread_num(), a.S);
+    const int64_t m_end = kept_positions(a, row, s);
+    const int32_t* blocks = p.block_table + b * p.max_blocks;
+    const auto entry = [&](char* cache, int64_t block_stride, int64_t token_stride, int64_t head_stride, int64_t j) {
+      const int64_t offset =
+          blocks[j / p.block_size] * block_stride + (j % p.block_size) * token_stride + h * head_stride;
+      return cache + offset * p.elem_size;
+    };
+    if (a.budget < N) {
+      for (int64_t m = 0; m < m_end; ++m) {
+        if (kept[m] == m) continue;
+        std::memcpy(entry(static_cast<char*>(p.k), p.k_sblk, p.k_sn, p.k_sh, m),
+                    entry(static_cast<char*>(p.k), p.k_sblk, p.k_sn, p.k_sh, kept[m]), size_t(row_bytes));
+        std::memcpy(entry(static_cast<char*>(p.v), p.v_sblk, p.v_sn, p.v_sh, m),
+                    entry(static_cast<char*>(p.v), p.v_sblk, p.v_sn, p.v_sh, kept[m]), size_t(row_bytes));
+      }
+    }
+    int32_t* out = p.kept + rg * capacity;
+    for (int64_t m = 0; m < m_end; ++m) out[m] = int32_t(kept[m]);
+    std::fill(out + m_end, out + capacity, -1);
+    if (h == 0) p.new_lens[b] = int32_t(m_end);
+  }
+}
+
 }  // namespace lookaheadkv::cpu

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ._native import native_available, native_module
+from .reference import paged_geometry
 
 _MODULE = "_C_cpu"
 
@@ -51,3 +52,66 @@ def select_compact(scores, k, v, budget, num_sink):
     kept = k.new_empty(B, Hkv, M, dtype=torch.int64)
     native_module(_MODULE).select_compact(scores, k, v, budget, num_sink, k_out, v_out, kept, torch.get_num_threads())
     return k_out, v_out, kept
+
+
+def _paged_scores(q, block_table, k_cache, layout):
+    block_size, Hkv, _ = paged_geometry(k_cache, layout)
+    return q.new_empty(block_table.shape[0], Hkv, block_table.shape[1] * block_size, dtype=torch.float32)
+
+
+def paged_attention_scores(
+    q,
+    q_offsets,
+    k_cache,
+    block_table,
+    seq_lens,
+    num_scored,
+    scale,
+    gqa_reduce,
+    pool_kernel,
+    pool_type,
+    query_reduce,
+    layout,
+):
+    scores = _paged_scores(q, block_table, k_cache, layout)
+    native_module(_MODULE).paged_attention_scores(
+        q, q_offsets, k_cache, block_table, seq_lens, num_scored, scale, gqa_reduce, pool_kernel, pool_type,
+        query_reduce, layout, scores, torch.get_num_threads(),
+    )  # fmt: skip
+    return scores
+
+
+def paged_lookahead_attention(
+    q,
+    q_offsets,
+    k_cache,
+    v_cache,
+    block_table,
+    seq_lens,
+    num_scored,
+    scale,
+    gqa_reduce,
+    pool_kernel,
+    pool_type,
+    query_reduce,
+    layout,
+):
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    scores = _paged_scores(q, block_table, k_cache, layout)
+    native_module(_MODULE).paged_lookahead_attention(
+        q, q_offsets, k_cache, v_cache, block_table, seq_lens, num_scored, scale, gqa_reduce, pool_kernel, pool_type,
+        query_reduce, layout, out, scores, torch.get_num_threads(),
+    )  # fmt: skip
+    return out, scores
+
+
+def paged_select_compact(scores, k_cache, v_cache, block_table, seq_lens, num_scored, budgets, num_sink, layout):
+    B, Hkv = scores.shape[:2]
+    capacity = block_table.shape[1] * paged_geometry(k_cache, layout)[0]
+    new_lens = torch.empty(B, dtype=torch.int32)
+    kept = torch.empty(B, Hkv, capacity, dtype=torch.int32)
+    native_module(_MODULE).paged_select_compact(
+        scores, k_cache, v_cache, block_table, seq_lens, num_scored, budgets, num_sink, layout, new_lens, kept,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return new_lens, kept

@@ -119,8 +119,15 @@ def select_compact(scores, k, v, budget, num_sink):
 # ---- paged ops: each sequence gathered out of the block cache, then the dense ops ------------------
 
 
+def paged_geometry(cache, layout):
+    """(block_size, Hkv, D) of a paged cache: NHD is [num_blocks, block_size, Hkv, D] (vLLM),
+    HND is [num_blocks, Hkv, block_size, D] (FlashInfer)."""
+    _, a, b, D = cache.shape
+    return (a, b, D) if layout == "NHD" else (b, a, D)
+
+
 def _block_size(cache, layout):
-    return cache.shape[1] if layout == "NHD" else cache.shape[2]
+    return paged_geometry(cache, layout)[0]
 
 
 def _logical_slots(block_table_row, count, block_size):

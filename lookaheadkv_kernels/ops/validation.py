@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from ..backends.reference import paged_geometry
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GQA_REDUCES = ("mean", "max")
 QUERY_REDUCES = ("mean", "max")
@@ -267,13 +269,6 @@ def check_index(name, t, ndim):
     """An index tensor (block table, lengths, offsets, budgets): int32 or int64, read as int32."""
     check_tensor(name, t, ndim, INDEX_DTYPES)
     return t.to(torch.int32).contiguous()
-
-
-def paged_geometry(k_cache, layout):
-    """(block_size, Hkv, D) of a paged cache: NHD is [num_blocks, block_size, Hkv, D] (vLLM),
-    HND is [num_blocks, Hkv, block_size, D] (FlashInfer)."""
-    _, a, b, D = k_cache.shape
-    return (a, b, D) if layout == "NHD" else (b, a, D)
 
 
 def _check_caches(k_cache, v_cache, layout):
