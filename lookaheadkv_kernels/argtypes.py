@@ -2,19 +2,28 @@
 
 Every command checks its options before it loads a model or builds data: a bad value is a usage
 error naming the option (`lookaheadkv eval: error: argument --budgets: ...`, exit status 2), not a
-traceback minutes into a run. A leaf module: it imports nothing from the package.
+traceback minutes into a run; a model or module that fails to load is one line too (exit status 1).
+A leaf module: it imports nothing from the package.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
 import torch
 
 T = TypeVar("T")
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (the error, and where to read the options), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -85,6 +94,28 @@ def existing_file(text: str) -> Path:
     return path
 
 
+def existing_dir(text: str) -> Path:
+    """An argparse type: the path of an existing directory."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"no such directory: {text}")
+    return path
+
+
+def model_source(text: str) -> str:
+    """An argparse type: "smollm2" (the embedded model) or a local HF checkpoint directory (with config.json)."""
+    if text.lower() == "smollm2":
+        return text
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"no such directory: {text} (expected 'smollm2' or a local HF checkpoint directory)"
+        )
+    if not (path / "config.json").is_file():
+        raise argparse.ArgumentTypeError(f"{text} is not an HF checkpoint directory (no config.json)")
+    return text
+
+
 def torch_device(text: str) -> str:
     """An argparse type: a torch device string ("cpu", "cuda", "cuda:1") that exists on this machine."""
     try:
@@ -107,3 +138,16 @@ def parse_option(parser: argparse.ArgumentParser, option: str, parse: Callable[[
         return parse(text)
     except (ValueError, argparse.ArgumentTypeError) as error:
         parser.error(f"argument {option}: {error}")
+
+
+@contextmanager
+def load_errors_reported(parser: argparse.ArgumentParser, option: str) -> Iterator[None]:
+    """Loading what `option` names (a model, a lookahead module): a missing file or a model or module
+    that does not fit ends the command with one line naming the option, exit status 1.
+
+    For failures the option's type cannot see before the load; anything else keeps its traceback."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        message = " ".join(str(error).split())  # one line, whatever the loader's message looked like
+        parser.exit(1, f"{parser.prog}: error: {option}: {message}\n")

@@ -11,7 +11,6 @@ fraction of it each implementation reaches. Writes a CSV under bench/results/ (o
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime
 import math
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .argtypes import choice_list, int_list, positive_int
+from .argtypes import CommandParser, choice_list, int_list, positive_int
 from .ops import dispatch
 
 SHAPES = {  # name: (Hq, Hkv, D, hidden)
@@ -354,15 +353,44 @@ def run(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="lookaheadkv bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--ops", default=",".join(dispatch.OPS), type=choice_list(dispatch.OPS, "ops"))
-    p.add_argument("--shapes", default="smollm2,llama8b", type=choice_list(SHAPES, "shapes"))
-    p.add_argument("--dtypes", default="float32,bfloat16", type=choice_list(DTYPES, "dtypes"))
-    p.add_argument("--lengths", default="4096,16384,32768", type=int_list(1))
-    p.add_argument("--budgets", default="128,512,2048", type=int_list(1))
-    p.add_argument("--backends", default="cpu,cuda,triton", type=choice_list(dispatch.BACKENDS, "backends"))
-    p.add_argument("--repeats", default=5, type=positive_int)
+    p = CommandParser(prog="lookaheadkv bench", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda"], help="device of the inputs (default: %(default)s)"
+    )
+    p.add_argument(
+        "--ops",
+        default=",".join(dispatch.OPS),
+        type=choice_list(dispatch.OPS, "ops"),
+        help="comma-separated ops to time (default: %(default)s)",
+    )
+    p.add_argument(
+        "--shapes",
+        default="smollm2,llama8b",
+        type=choice_list(SHAPES, "shapes"),
+        help=f"model shapes (heads, KV heads, head dim, hidden), from {', '.join(SHAPES)} (default: %(default)s)",
+    )
+    p.add_argument(
+        "--dtypes",
+        default="float32,bfloat16",
+        type=choice_list(DTYPES, "dtypes"),
+        help=f"input dtypes, from {', '.join(DTYPES)} (default: %(default)s)",
+    )
+    p.add_argument(
+        "--lengths", default="4096,16384,32768", type=int_list(1), help="KV lengths N in tokens (default: %(default)s)"
+    )
+    p.add_argument(
+        "--budgets", default="128,512,2048", type=int_list(1), help="select_compact budgets (default: %(default)s)"
+    )
+    p.add_argument(
+        "--backends",
+        default="cpu,cuda,triton",
+        type=choice_list(dispatch.BACKENDS, "backends"),
+        help=f"backends timed against the eager composite, from {', '.join(dispatch.BACKENDS)}; those the device "
+        "lacks are skipped (default: %(default)s)",
+    )
+    p.add_argument(
+        "--repeats", default=5, type=positive_int, help="timed runs per case, median reported (default: %(default)s)"
+    )
     p.add_argument("--csv", default=None, help="CSV path (default bench/results/ops_<device>_<date>.csv)")
     p.add_argument("--quick", action="store_true", help="one small length and budget, for a smoke run")
     args = p.parse_args(argv)

@@ -17,7 +17,6 @@ LAQ keeps the full cache until its draft is done) and, on CUDA, torch's peak all
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -27,8 +26,17 @@ from pathlib import Path
 
 import torch
 
-from ..argtypes import int_list, parse_option, positive_int, torch_device
-from .policies import build_policy, load_lookahead, parse_policies
+from ..argtypes import (
+    CommandParser,
+    existing_dir,
+    int_list,
+    load_errors_reported,
+    model_source,
+    parse_option,
+    positive_int,
+    torch_device,
+)
+from .policies import ALL_POLICIES, FULL, PEER_POLICIES, build_policy, load_lookahead, parse_policies
 from .tasks import MIN_LENGTH, make_sample, prompt_ids
 
 DEFAULT_POLICIES = "lookaheadkv,snapkv,pyramidkv,streamingllm,laq,speckv"
@@ -185,11 +193,23 @@ def markdown(rows, meta) -> str:
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="lookaheadkv bench-evict", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="lookaheadkv bench-evict", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="lengths 1024,2048, 2 repeats")
-    parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--module", default=None, help="lookahead module directory (default: the shipped one)")
-    parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--model",
+        type=model_source,
+        default="smollm2",
+        help="'smollm2' (embedded, the default) or a local HF checkpoint directory",
+    )
+    parser.add_argument(
+        "--module", type=existing_dir, default=None, help="lookahead module directory (default: the shipped one)"
+    )
+    parser.add_argument(
+        "--device",
+        type=torch_device,
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda[:N] (default: %(default)s)",
+    )
     parser.add_argument(
         "--dtype",
         default=None,
@@ -197,7 +217,12 @@ def _parser():
         help="float32 (CPU default) or bfloat16 (CUDA default)",
     )
     parser.add_argument("--lengths", default=None, help="prompt lengths (default 1024,2048,4096,8192)")
-    parser.add_argument("--policies", default=DEFAULT_POLICIES)
+    parser.add_argument(
+        "--policies",
+        default=DEFAULT_POLICIES,
+        help=f"comma-separated policies to time, from {', '.join(p for p in ALL_POLICIES if p not in (FULL, *PEER_POLICIES))} "
+        "(default: %(default)s)",
+    )
     parser.add_argument("--budget", type=positive_int, default=128, help="KV entries kept per layer and head")
     parser.add_argument("--repeats", type=positive_int, default=None, help="timed runs per policy (default 3)")
     parser.add_argument(
@@ -207,7 +232,9 @@ def _parser():
     parser.add_argument(
         "--name", default=None, help="results: <out>/bench_evict_<name>.{json,md} (default: the device type)"
     )
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench/results"), help="results directory (default: %(default)s)"
+    )
     return parser
 
 
@@ -221,8 +248,8 @@ def main(argv=None) -> int:
         args.lengths or ("1024,2048" if args.quick else "1024,2048,4096,8192"),
     )
     repeats = args.repeats or (2 if args.quick else 3)
-    policies = [p for p in parse_option(parser, "--policies", parse_policies, args.policies) if p != "full"]
-    if any(p.startswith("kvpress-") for p in policies):
+    policies = [p for p in parse_option(parser, "--policies", parse_policies, args.policies) if p != FULL]
+    if any(p in PEER_POLICIES for p in policies):
         parser.error(
             "argument --policies: bench-evict times the runtime's policies; kvpress peers are compared by `lookaheadkv eval`"
         )
@@ -237,10 +264,12 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+    with load_errors_reported(parser, "--model"):
+        model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     module = module_dir = None
     if "lookaheadkv" in policies:
-        module, module_dir = load_lookahead(model, args.module)
+        with load_errors_reported(parser, "--module"):
+            module, module_dir = load_lookahead(model, args.module)
         module.to(device=device, dtype=dtype)
 
     def progress(message):

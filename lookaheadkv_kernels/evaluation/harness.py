@@ -10,7 +10,6 @@ not prefilled again. The CSV, markdown and PNG outputs are rebuilt from the JSON
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -19,7 +18,16 @@ from pathlib import Path
 
 import torch
 
-from ..argtypes import int_list, nonnegative_int, parse_option, positive_int
+from ..argtypes import (
+    CommandParser,
+    existing_dir,
+    int_list,
+    load_errors_reported,
+    model_source,
+    nonnegative_int,
+    parse_option,
+    positive_int,
+)
 from .policies import (
     ALL_POLICIES,
     FULL,
@@ -146,17 +154,31 @@ def evaluate(model, tokenizer, samples, policies, budgets, store: ResultStore, *
 
 
 def _parser():
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="lookaheadkv eval",
         description="RULER-style long-context suite: LookaheadKV against heuristic, draft-based and kvpress policies.",
     )
     parser.add_argument("--quick", action="store_true", help=f"a few-minute subset: {QUICK}")
-    parser.add_argument("--model", default="smollm2", help="'smollm2' (embedded) or a local HF checkpoint directory")
     parser.add_argument(
-        "--module", default=None, help="lookahead module directory (default: the one shipped for the model)"
+        "--model",
+        type=model_source,
+        default="smollm2",
+        help="'smollm2' (embedded, the default) or a local HF checkpoint directory",
     )
-    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
-    parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="prompt lengths in tokens")
+    parser.add_argument(
+        "--module",
+        type=existing_dir,
+        default=None,
+        help="lookahead module directory (default: the one shipped for the model)",
+    )
+    parser.add_argument(
+        "--tasks", default=",".join(TASKS), help=f"comma-separated tasks, from {', '.join(TASKS)} (default: all)"
+    )
+    parser.add_argument(
+        "--lengths",
+        default=",".join(map(str, LENGTHS)),
+        help=f"prompt lengths in tokens, each >= {MIN_LENGTH} (default: %(default)s)",
+    )
     parser.add_argument("--samples", type=positive_int, default=3, help="samples per task and length")
     parser.add_argument(
         "--first-sample",
@@ -164,15 +186,20 @@ def _parser():
         default=0,
         help="index of the first sample (the reported suite starts at 0; bench/lookaheadkv_scoring_sweep.py tunes on 1-2)",
     )
-    parser.add_argument("--policies", default=",".join(ALL_POLICIES), help="comma-separated policies")
+    parser.add_argument(
+        "--policies",
+        default=",".join(ALL_POLICIES),
+        help=f"comma-separated policies, from {', '.join(ALL_POLICIES)} (default: all)",
+    )
     parser.add_argument(
         "--budgets",
         default=DEFAULT_BUDGETS,
-        help="ints = tokens per layer and KV head (a mean over layers for per-layer schedules), decimals = ratios",
+        help="ints = tokens per layer and KV head (a mean over layers for per-layer schedules), decimals = ratios "
+        "(default: %(default)s)",
     )
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the samples (default: %(default)s)")
     parser.add_argument("--name", default=None, help="results name: <out>/eval_<name>.* (default 'quick' or 'full')")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default: %(default)s)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--report-only", action="store_true", help="rebuild the CSV/markdown/plots from the JSONL")
     parser.add_argument(
@@ -180,7 +207,7 @@ def _parser():
         default=None,
         help="write the tables as <out>/eval_<report-name>.* (default: --name), e.g. a subset of lengths/budgets",
     )
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return parser
 
 
@@ -213,10 +240,12 @@ def main(argv=None) -> int:
         hf_logging.disable_progress_bar()
         if args.threads:
             torch.set_num_threads(args.threads)
-        model, tokenizer = load_model(args.model)
+        with load_errors_reported(parser, "--model"):
+            model, tokenizer = load_model(args.model)
         module = module_dir = None
         if "lookaheadkv" in policies:
-            module, module_dir = load_lookahead(model, args.module)
+            with load_errors_reported(parser, "--module"):
+                module, module_dir = load_lookahead(model, args.module)
         if any(p in PEER_POLICIES for p in policies):
             from .kvpress_peers import kvpress_version
 
@@ -224,7 +253,7 @@ def main(argv=None) -> int:
                 print(f"kvpress {kvpress_version()}", file=sys.stderr)
             except ImportError as error:
                 if args.policies != _parser().get_default("policies"):
-                    raise SystemExit(f"kvpress peers requested but unavailable: {error}") from None
+                    parser.exit(1, f"{parser.prog}: error: --policies: the kvpress peers are unavailable: {error}\n")
                 print(f"leaving out the kvpress peers: {error}", file=sys.stderr)
                 policies = [p for p in policies if p not in PEER_POLICIES]
         start = time.perf_counter()

@@ -17,11 +17,14 @@ import time
 
 import torch
 
+# "<method>-kvpress": the method as kvpress implements and configures it. The runtime's own
+# "snapkv-kvpress" (`SnapKV.kvpress()`) is the same method on the package's kernels; the peer runs
+# kvpress's code, so the suite compares against kvpress itself.
 PRESSES = {
-    "kvpress-snapkv": "SnapKVPress",
-    "kvpress-streamingllm": "StreamingLLMPress",
-    "kvpress-knorm": "KnormPress",
-    "kvpress-expected": "ExpectedAttentionPress",
+    "snapkv-kvpress": "SnapKVPress",
+    "streamingllm-kvpress": "StreamingLLMPress",
+    "knorm-kvpress": "KnormPress",
+    "expected-kvpress": "ExpectedAttentionPress",
 }
 
 

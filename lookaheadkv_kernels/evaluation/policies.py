@@ -1,8 +1,8 @@
 """The policies the evaluation compares, by name: the runtime's policies, the full cache, kvpress peers.
 
 "full" keeps the whole cache. "lookaheadkv" uses a trained lookahead module: the one shipped for the
-model under `lookaheadkv_kernels/data/modules/`, or a directory given with `--module`. Names starting
-with "kvpress-" are kvpress 0.5.x presses run on the same captured prefill (see `kvpress_peers`).
+model under `lookaheadkv_kernels/data/modules/`, or a directory given with `--module`. Names ending
+in "-kvpress" are kvpress 0.5.x presses run on the same captured prefill (see `kvpress_peers`).
 Two controls, not published methods: "snapkv-lkvpool" is SnapKV's window queries with LookaheadKV's
 default pooling, and "snapkv-lkvconfig" adds LookaheadKV's per-layer budgets (its depth ramp), so
 the suite separates what the lookahead rows add from what the pooling and the budget schedule add.
@@ -83,9 +83,13 @@ def parse_budgets(text: str) -> list[int | float]:
     """Budgets from "64,128,0.1": ints are token counts, decimals ratios of the prompt."""
     budgets = []
     for item in (part.strip() for part in text.split(",") if part.strip()):
-        value = float(item) if any(c in item for c in ".eE") else int(item)
+        expected = f"budget {item!r}: expected an int >= 1 (tokens) or a ratio in (0, 1]"
+        try:
+            value = float(item) if any(c in item for c in ".eE") else int(item)
+        except ValueError:
+            raise ValueError(expected) from None
         if (isinstance(value, int) and value < 1) or (isinstance(value, float) and not 0 < value <= 1):
-            raise ValueError(f"budget {item!r}: an int >= 1 (tokens) or a ratio in (0, 1]")
+            raise ValueError(expected)
         budgets.append(value)
     if not budgets:
         raise ValueError("no budgets given")

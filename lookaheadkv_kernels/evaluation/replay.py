@@ -146,8 +146,11 @@ def evict(
 
 
 @torch.no_grad()
-def decode(model, prefill: Prefill, cache: CompactedCache, max_new_tokens: int) -> torch.Tensor:
-    """Greedy answer tokens [1, <=max_new_tokens] on `cache`; the first comes from the full prefill's logits."""
+def decode(model, prefill: Prefill, cache: CompactedCache, max_new_tokens: int, streamer=None) -> torch.Tensor:
+    """Greedy answer tokens [1, <=max_new_tokens] on `cache`; the first comes from the full prefill's logits.
+
+    `streamer`: a transformers streamer (`put(ids)`, `end()`), handed to `generate` to see the tokens
+    as they come; its first `put` is the prompt and the first answer token."""
     first = prefill.next_logits.argmax(-1, keepdim=True)
     if max_new_tokens == 1 or int(first) in eos_ids(model):
         return first
@@ -159,5 +162,6 @@ def decode(model, prefill: Prefill, cache: CompactedCache, max_new_tokens: int) 
             past_key_values=cache,
             max_new_tokens=max_new_tokens - 1,
             do_sample=False,
+            streamer=streamer,
         )
     return out[:, prefill.num_prompt :]

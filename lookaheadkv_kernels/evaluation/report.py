@@ -194,7 +194,7 @@ def plot(table: Table, path: Path, policies, budgets, lengths, tasks) -> bool:
                 style = {
                     "linewidth": 1.2,
                     "color": colors[policy],
-                    "linestyle": "--" if policy.startswith("kvpress-") else "-",
+                    "linestyle": "--" if policy.endswith("-kvpress") else "-",
                 }
                 if policy == "lookaheadkv":
                     style.update(linewidth=2.8, color="tab:red")

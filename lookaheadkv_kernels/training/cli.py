@@ -20,59 +20,131 @@ from pathlib import Path
 
 import torch
 
-from ..argtypes import nonnegative_int, positive_int, torch_device
+from ..argtypes import CommandParser, load_errors_reported, model_source, nonnegative_int, positive_int, torch_device
 from ..runtime.models import cache_dir, config_hash, load_model
 from .data import make_samples
 from .teacher import build_records
 from .trainer import TrainConfig, Trainer
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> CommandParser:
     defaults = TrainConfig()
-    p = argparse.ArgumentParser(prog="lookaheadkv train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2", help="'smollm2' (embedded) or a local HF checkpoint directory")
+    p = CommandParser(prog="lookaheadkv train", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--model",
+        type=model_source,
+        default="smollm2",
+        help="'smollm2' (embedded, the default) or a local HF checkpoint directory",
+    )
     p.add_argument("--out", required=True, help="run directory: checkpoint, final module, history")
     p.add_argument("--data-dir", help="teacher records (default: the runtime cache dir, keyed by model and recipe)")
-    p.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
-    data = p.add_argument_group("data")
-    data.add_argument("--train-samples", type=positive_int, default=256)
-    data.add_argument(
-        "--val-samples", type=nonnegative_int, default=16, help="held-out prompts for validation during training"
+    p.add_argument(
+        "--device",
+        type=torch_device,
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda[:N] (default: %(default)s)",
     )
-    data.add_argument("--min-tokens", type=positive_int, default=512, help="shortest document, in tokens")
-    data.add_argument("--max-tokens", type=positive_int, default=1024, help="longest document, in tokens")
-    data.add_argument("--answer-tokens", type=positive_int, default=64, help="longest teacher answer")
-    data.add_argument("--teacher-batch", type=positive_int, default=8, help="prompts answered together by the teacher")
-    data.add_argument("--data-seed", type=int, default=0)
+    data = p.add_argument_group("data")
+    data.add_argument("--train-samples", type=positive_int, default=256, help="training prompts (default: %(default)s)")
+    data.add_argument(
+        "--val-samples",
+        type=nonnegative_int,
+        default=16,
+        help="held-out prompts for validation during training (default: %(default)s)",
+    )
+    data.add_argument(
+        "--min-tokens", type=positive_int, default=512, help="shortest document, in tokens (default: %(default)s)"
+    )
+    data.add_argument(
+        "--max-tokens", type=positive_int, default=1024, help="longest document, in tokens (default: %(default)s)"
+    )
+    data.add_argument(
+        "--answer-tokens",
+        type=positive_int,
+        default=64,
+        help="longest teacher answer, in tokens (default: %(default)s)",
+    )
+    data.add_argument(
+        "--teacher-batch",
+        type=positive_int,
+        default=8,
+        help="prompts answered together by the teacher (default: %(default)s)",
+    )
+    data.add_argument("--data-seed", type=int, default=0, help="seed of the prompts (default: %(default)s)")
     train = p.add_argument_group("training")
-    train.add_argument("--steps", type=positive_int, default=defaults.steps)
-    train.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
-    train.add_argument("--lr", type=float, default=defaults.lr)
-    train.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    train.add_argument("--warmup-steps", type=nonnegative_int, default=defaults.warmup_steps)
-    train.add_argument("--clip-norm", type=float, default=defaults.clip_norm)
-    train.add_argument("--seed", type=int, default=defaults.seed, help="module initialisation and record order")
-    train.add_argument("--n-lookahead", type=positive_int, default=defaults.n_lookahead)
-    train.add_argument("--rank", type=positive_int, default=defaults.rank)
-    train.add_argument("--alpha", type=float, default=defaults.alpha)
+    train.add_argument(
+        "--steps", type=positive_int, default=defaults.steps, help="optimiser steps (default: %(default)s)"
+    )
+    train.add_argument(
+        "--batch-size", type=positive_int, default=defaults.batch_size, help="prompts per step (default: %(default)s)"
+    )
+    train.add_argument(
+        "--lr", type=float, default=defaults.lr, help="peak learning rate (AdamW) (default: %(default)s)"
+    )
+    train.add_argument(
+        "--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay (default: %(default)s)"
+    )
+    train.add_argument(
+        "--warmup-steps",
+        type=nonnegative_int,
+        default=defaults.warmup_steps,
+        help="linear warm-up steps (default: %(default)s)",
+    )
+    train.add_argument(
+        "--clip-norm", type=float, default=defaults.clip_norm, help="gradient norm clip (default: %(default)s)"
+    )
+    train.add_argument(
+        "--seed",
+        type=int,
+        default=defaults.seed,
+        help="seed of the module initialisation and the record order (default: %(default)s)",
+    )
+    train.add_argument(
+        "--n-lookahead",
+        type=positive_int,
+        default=defaults.n_lookahead,
+        help="lookahead tokens (rows) (default: %(default)s)",
+    )
+    train.add_argument("--rank", type=positive_int, default=defaults.rank, help="LoRA rank (default: %(default)s)")
+    train.add_argument(
+        "--alpha", type=float, default=defaults.alpha, help="LoRA alpha (scale alpha / rank) (default: %(default)s)"
+    )
     train.add_argument(
         "--num-sink",
         type=nonnegative_int,
         default=defaults.num_sink,
-        help="leading keys left out of the loss (the policy keeps them)",
+        help="leading keys left out of the loss (the policy keeps them) (default: %(default)s)",
     )
     train.add_argument(
-        "--recent", type=nonnegative_int, default=defaults.recent, help="trailing keys left out of the loss"
+        "--recent",
+        type=nonnegative_int,
+        default=defaults.recent,
+        help="trailing keys left out of the loss (default: %(default)s)",
     )
     train.add_argument(
         "--pool-kernel",
         type=positive_int,
         default=defaults.pool_kernel,
-        help="pool target and prediction (odd; 1 = none)",
+        help="pool target and prediction over this many keys (odd; 1 = none) (default: %(default)s)",
     )
-    train.add_argument("--pool-type", choices=("avg", "max"), default=defaults.pool_type)
-    train.add_argument("--eval-every", type=nonnegative_int, default=defaults.eval_every)
-    train.add_argument("--checkpoint-every", type=nonnegative_int, default=defaults.checkpoint_every)
+    train.add_argument(
+        "--pool-type",
+        choices=("avg", "max"),
+        default=defaults.pool_type,
+        help="pooling of --pool-kernel (default: %(default)s)",
+    )
+    train.add_argument(
+        "--eval-every",
+        type=nonnegative_int,
+        default=defaults.eval_every,
+        help="steps between validations, 0 = only at the end (default: %(default)s)",
+    )
+    train.add_argument(
+        "--checkpoint-every",
+        type=nonnegative_int,
+        default=defaults.checkpoint_every,
+        help="steps between checkpoints (and at the end) (default: %(default)s)",
+    )
     train.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
     return p
 
@@ -116,7 +188,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args, config = parse_args(argv)
     started = time.time()
-    model, tokenizer = load_model(args.model, device=args.device)
+    with load_errors_reported(_parser(), "--model"):
+        model, tokenizer = load_model(args.model, device=args.device)
 
     def count_tokens(text):
         return len(tokenizer(text, add_special_tokens=False).input_ids)
