@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .argtypes import CommandParser, choice_list, int_list, positive_int
+from .backends.reference import gather_sequence
 from .ops import dispatch
 
 SHAPES = {  # name: (Hq, Hkv, D, hidden)
@@ -35,6 +36,8 @@ SHAPES = {  # name: (Hq, Hkv, D, hidden)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NUM_QUERIES = 32  # lookahead tokens
 POOL_KERNEL = 7
+PAGED_BLOCK_SIZE = 16
+PAGED_LENGTHS = (1024, 32768)  # the paged cases' sequences: lengths drawn uniformly in this range
 
 
 # ---- the eager composites (what a user writes without this package) ---------------------------
@@ -70,6 +73,32 @@ def composite_select(scores, k, v, budget, num_sink):
     keep = keep.sort(dim=-1).values
     index = keep[..., None].expand(-1, -1, -1, k.shape[-1])
     return k.gather(2, index), v.gather(2, index), keep
+
+
+def composite_paged_attention(q, q_offsets, k_cache, block_table, seq_lens, num_scored, pool_kernel):
+    """What an engine runs without paged ops: each sequence gathered dense, then the dense op."""
+    scores = []
+    for b in range(block_table.shape[0]):
+        k = gather_sequence(k_cache, block_table[b], int(seq_lens[b]), "NHD").contiguous()[None]
+        qb = q[int(q_offsets[b]) : int(q_offsets[b + 1])].transpose(0, 1)[None]
+        scores.append(ops.attention_scores(qb, k, num_scored=int(num_scored[b]), pool_kernel=pool_kernel))
+    return scores
+
+
+def composite_paged_select(scores, k_cache, v_cache, block_table, seq_lens, num_scored, budgets, num_sink):
+    """Each sequence gathered dense, select_compact, and the kept rows scattered back into its blocks."""
+    block_size = k_cache.shape[1]
+    for b in range(block_table.shape[0]):
+        n, s, budget = int(seq_lens[b]), int(num_scored[b]), int(budgets[b])
+        if budget >= n:
+            continue
+        k = gather_sequence(k_cache, block_table[b], n, "NHD")[None]
+        v = gather_sequence(v_cache, block_table[b], n, "NHD")[None]
+        k_out, v_out, _ = ops.select_compact(scores[b : b + 1, :, :s], k, v, budget, num_sink=num_sink)
+        slots = torch.arange(k_out.shape[2], device=k_cache.device)
+        blocks, offsets = block_table[b].long()[slots // block_size], slots % block_size
+        k_cache[blocks, offsets] = k_out[0].transpose(0, 1)
+        v_cache[blocks, offsets] = v_out[0].transpose(0, 1)
 
 
 def composite_qproj(x, weight, lora_a, lora_b, lora_scale, cos, sin, num_heads):
@@ -195,11 +224,95 @@ class Case:
     bytes_moved: float
     flops: float
     runners: dict  # name -> zero-arg callable
+    cleanup: object = None  # called once the case is measured (frees its inputs)
+    compacted_bytes: float = 0.0  # KV bytes of the sequences an in-place op compacts
 
 
 def _backends_for(device, requested):
     names = [b for b in requested if dispatch.unavailable_reason(b, device) is None]
     return names
+
+
+def paged_batch(Hq, Hkv, D, dtype, device, num_sequences, gen):
+    """A ragged batch in a paged NHD cache with shuffled blocks: (q, q_offsets, k_cache, v_cache,
+    block_table, seq_lens, num_scored), NUM_QUERIES queries per sequence."""
+    lens = torch.randint(PAGED_LENGTHS[0], PAGED_LENGTHS[1] + 1, (num_sequences,), generator=gen)
+    blocks = (lens + PAGED_BLOCK_SIZE - 1) // PAGED_BLOCK_SIZE
+    max_blocks, num_blocks = int(blocks.max()), int(blocks.sum())
+    order = torch.randperm(num_blocks, generator=gen).int()
+    table = torch.zeros(num_sequences, max_blocks, dtype=torch.int32)
+    starts = torch.cat((torch.zeros(1, dtype=torch.long), blocks.cumsum(0)[:-1]))
+    for b in range(num_sequences):
+        table[b, : blocks[b]] = order[starts[b] : starts[b] + blocks[b]]
+    cache_shape = (num_blocks, PAGED_BLOCK_SIZE, Hkv, D)
+    k_cache = torch.randn(cache_shape, generator=gen).to(device, dtype)
+    v_cache = torch.randn(cache_shape, generator=gen).to(device, dtype)
+    q = torch.randn(num_sequences * NUM_QUERIES, Hq, D, generator=gen).to(device, dtype)
+    q_offsets = torch.arange(0, (num_sequences + 1) * NUM_QUERIES, NUM_QUERIES, dtype=torch.int32)
+    seq_lens = lens.int()
+    to = lambda t: t.to(device)  # noqa: E731
+    return q, to(q_offsets), k_cache, v_cache, to(table), to(seq_lens), to(seq_lens - NUM_QUERIES)
+
+
+def build_paged_cases(args, device, backends, shape_name, dtype_name, gen):
+    """Scoring and compaction of a ragged batch in a paged cache, against the dense op on the same
+    sequences pre-gathered ("<backend>-dense") and the gather composite an engine would run without
+    paged ops."""
+    Hq, Hkv, D, _ = SHAPES[shape_name]
+    dtype = DTYPES[dtype_name]
+    esize = torch.empty((), dtype=dtype).element_size()
+    q, q_offsets, k_cache, v_cache, table, seq_lens, num_scored = paged_batch(
+        Hq, Hkv, D, dtype, device, args.paged_sequences, gen
+    )
+    total = int(seq_lens.sum())
+    lens_label = f"{args.paged_sequences}x{PAGED_LENGTHS[0]}-{PAGED_LENGTHS[1]}"
+    if "paged_attention_scores" in args.ops:
+        runners = {
+            b: (
+                lambda b=b: ops.paged_attention_scores(
+                    q, q_offsets, k_cache, table, seq_lens, num_scored=num_scored, pool_kernel=POOL_KERNEL, backend=b
+                )
+            )
+            for b in backends
+        }
+        dense = [
+            (
+                q[int(q_offsets[b]) : int(q_offsets[b + 1])].transpose(0, 1)[None],
+                gather_sequence(k_cache, table[b], int(seq_lens[b]), "NHD").contiguous()[None],
+                int(num_scored[b]),
+            )
+            for b in range(table.shape[0])
+        ]
+        for b in backends:
+            runners[f"{b}-dense"] = lambda b=b: [
+                ops.attention_scores(qb, kb, num_scored=s, pool_kernel=POOL_KERNEL, backend=b) for qb, kb, s in dense
+            ]
+        runners["composite"] = lambda: composite_paged_attention(
+            q, q_offsets, k_cache, table, seq_lens, num_scored, POOL_KERNEL
+        )
+        flops = 2 * Hq * NUM_QUERIES * total * D
+        yield Case("paged_attention_scores", shape_name, dtype_name, lens_label, None, total * Hkv * D * esize, flops,
+                   runners, cleanup=lambda: dense.clear())  # fmt: skip
+    if "paged_select_compact" in args.ops:
+        budget = args.budgets[0]
+        scores = torch.randn(table.shape[0], Hkv, table.shape[1] * PAGED_BLOCK_SIZE, generator=gen).to(device)
+        budgets = torch.full_like(seq_lens, budget)
+        # Compaction rewrites the caches: every run starts from a copy restored outside the timing.
+        runners = {
+            b: (
+                lambda b=b: ops.paged_select_compact(
+                    scores, k_cache, v_cache, table, seq_lens, budgets, num_scored=num_scored, num_sink=4, backend=b
+                )
+            )
+            for b in backends
+        }
+        runners["composite"] = lambda: composite_paged_select(
+            scores, k_cache, v_cache, table, seq_lens, num_scored, budgets, 4
+        )
+        kept = table.shape[0] * min(budget, PAGED_LENGTHS[0])
+        moved = table.shape[0] * Hkv * int(num_scored.max()) * 4 + 2 * 2 * Hkv * kept * D * esize
+        yield Case("paged_select_compact", shape_name, dtype_name, lens_label, budget, moved, 0.0, runners,
+                   compacted_bytes=2 * Hkv * total * D * esize)  # fmt: skip
 
 
 def build_cases(args, device, backends):
@@ -285,6 +398,8 @@ def build_cases(args, device, backends):
                         # Read the scores once, read and write the kept K and V rows.
                         moved = scores.numel() * 4 + 2 * 2 * Hkv * budget * D * esize
                         yield Case("select_compact", shape_name, dtype_name, N, budget, moved, 0.0, runners)
+            if any(op.startswith("paged_") for op in args.ops):
+                yield from build_paged_cases(args, device, backends, shape_name, dtype_name, gen)
 
 
 def run(args):
@@ -314,6 +429,7 @@ def run(args):
         "peak_extra_MiB",
         "floor_ms",
         "fraction_of_floor",
+        "peak_extra_pct_of_kv",
     ]
     rows = []
     print(" | ".join(header))
@@ -323,6 +439,7 @@ def run(args):
         for name, fn in case.runners.items():
             timings[name] = median_time(fn, device, args.repeats)
         for name, fn in case.runners.items():
+            peak = peak_extra_memory(fn, device)
             row = [
                 case.op,
                 case.shape,
@@ -332,12 +449,15 @@ def run(args):
                 name,
                 f"{timings[name] * 1e3:.3f}",
                 f"{timings['composite'] / timings[name]:.2f}",
-                f"{peak_extra_memory(fn, device) / 2**20:.1f}",
+                f"{peak / 2**20:.1f}",
                 f"{floor * 1e3:.3f}",
                 f"{floor / timings[name]:.3f}",
+                f"{100 * peak / case.compacted_bytes:.2f}" if case.compacted_bytes else "",
             ]
             rows.append(row)
             print(" | ".join(map(str, row)), flush=True)
+        if case.cleanup:
+            case.cleanup()
     out = (
         Path(args.csv)
         if args.csv
@@ -390,6 +510,12 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--repeats", default=5, type=positive_int, help="timed runs per case, median reported (default: %(default)s)"
+    )
+    p.add_argument(
+        "--paged-sequences",
+        default=64,
+        type=positive_int,
+        help=f"sequences of the paged cases, lengths drawn in {PAGED_LENGTHS} (default: %(default)s)",
     )
     p.add_argument("--csv", default=None, help="CSV path (default bench/results/ops_<device>_<date>.csv)")
     p.add_argument("--quick", action="store_true", help="one small length and budget, for a smoke run")

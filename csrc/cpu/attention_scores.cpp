@@ -135,19 +135,24 @@ RowSource<T> value_rows(const AttentionArgs& a, int64_t b, int64_t h) {
   return {base, a.v_sn, a.k_blocks + b * a.blocks_stride, a.block_size, a.v_sblk};
 }
 
-// dst[r][c] = row j0 + r (fp32) for r < nrows, c < D; zero elsewhere in [total_rows][ld].
+// dst[r][c] = row j0 + r (fp32) for r < nrows, c < D; zero elsewhere in [total_rows][ld]. Paged rows
+// are walked a block's run at a time (one table lookup per block, not per row).
 template <class T>
 void load_rows(const RowSource<T>& src, int64_t j0, int64_t nrows, int64_t D, float* dst, int64_t ld,
                int64_t total_rows) {
-  for (int64_t r = 0; r < total_rows; ++r) {
-    float* out = dst + r * ld;
-    int64_t c = 0;
-    if (r < nrows) {
-      const T* in = src.row(j0 + r);
-      for (; c < D; ++c) out[c] = to_float(in[c]);
+  int64_t r = 0;
+  while (r < nrows) {
+    const int64_t j = j0 + r;
+    const int64_t run = src.blocks == nullptr ? nrows - r : std::min(nrows - r, src.block_size - j % src.block_size);
+    const T* in = src.row(j);
+    for (int64_t i = 0; i < run; ++i, ++r) {
+      float* out = dst + r * ld;
+      const T* row = in + i * src.token_stride;
+      for (int64_t c = 0; c < D; ++c) out[c] = to_float(row[c]);
+      std::fill(out + D, out + ld, 0.0f);
     }
-    for (; c < ld; ++c) out[c] = 0.0f;
   }
+  for (; r < total_rows; ++r) std::fill(dst + r * ld, dst + (r + 1) * ld, 0.0f);
 }
 
 // Sets to `hidden` the entries of the keys a row may not see: key position p is visible to query
