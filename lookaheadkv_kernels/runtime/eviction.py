@@ -19,7 +19,7 @@ import torch
 from ..ops.validation import check_int
 from .cache import CompactedCache, CompactedLayer, compact_layer, ragged_masks
 from .models import layer_parts, sliding_window
-from .policies import Run, make_policy
+from .policies import Policy, Run, make_policy
 from .tap import LayerInputs, tap_layers
 
 
@@ -208,6 +208,13 @@ def _prefill(model, ids, cache, num_prompt):
     return out.logits[:, -1]
 
 
+class _FullCache(Policy):
+    """generate's policy="full": nothing evicted, every prompt kept whole (its budget is all of it),
+    so the tokens are full-cache greedy decoding's."""
+
+    name = "full"
+
+
 @dataclass
 class GenerationResult:
     text: str | None
@@ -264,7 +271,7 @@ def generate(
     """Greedy answer to `prompt` after evicting the prompt's KV cache with `policy` to `budget`.
 
     prompt: a string (chat-formatted when the tokenizer has a template, unless chat=False), a list
-    of chat messages, or token ids [1, N]. policy: a Policy or a name (options as keywords, e.g.
+    of chat messages, or token ids [1, N]. policy: a Policy or a name ("full": no eviction; options as keywords, e.g.
     policy="snapkv", window=64). budget: tokens (int), a ratio of the prompt (float), or one int per
     layer. With a budget >= the prompt length the tokens equal full-cache greedy `generate`'s.
     """
@@ -273,6 +280,10 @@ def generate(
     input_ids = encode_prompt(tokenizer, prompt, chat, device)
     if input_ids.shape[0] != 1:
         raise ValueError(f"generate takes one prompt, got a batch of {input_ids.shape[0]}; use prefill_and_evict")
+    if policy == _FullCache.name:
+        if policy_options:
+            raise ValueError(f'policy "full" takes no options, got {sorted(policy_options)}')
+        policy, budget = _FullCache(), 1.0
     eviction = prefill_and_evict(
         model, input_ids, make_policy(policy, model=model, **policy_options), budget, max_new_tokens=max_new_tokens
     )
