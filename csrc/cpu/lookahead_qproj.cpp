@@ -28,9 +28,8 @@ namespace lookaheadkv::cpu {
 namespace {
 
 constexpr int64_t kConvertChunk = 256;  // columns of half-precision W converted at a time
-// Up to this many rows of x the GEMV path is used. The lanes kernel costs the same for any T <= 16
-// (16 lanes), the GEMV path grows with T. Measured (1 thread, AVX-512), T = 1 / 4 by GEMV vs lanes:
-// SmolLM2 fp32 0.04 / 0.085 vs 0.13 ms, Llama-8B bf16 1.5 / 3.0 vs 5.7 ms: break-even ~6 rows.
+// Up to this many rows of x the GEMV path is used: the lanes kernel costs the same for any T <= 16
+// (16 lanes), the GEMV path grows with T (docs/tuning.md).
 constexpr int64_t kGemvMaxRows = 4;
 constexpr int kDotLanes = 32;  // partial sums per (row of M, row of x) in dot_rows
 
@@ -97,6 +96,102 @@ void gemv(int64_t rows, const MElem* m, int64_t m_row, int64_t K, const float* x
   }
 }
 
+// x in fp32 for the whole call: transposed, xt[h][t] with zero lanes t >= T (lanes path), or as
+// rows [T][H] (GEMV path). Called inside the parallel region.
+template <class Elem>
+void load_x(const QProjArgs& a, bool use_gemv, int64_t Tp, float* xt) {
+  if (use_gemv) {
+#pragma omp single
+    load_padded(static_cast<const Elem*>(a.x), a.x_row_stride, a.T, a.hidden, xt, a.hidden, a.T);
+  } else {
+#pragma omp for schedule(static)
+    for (int64_t h = 0; h < a.hidden; ++h) {
+      const Elem* col = static_cast<const Elem*>(a.x) + h;
+      float* dst = xt + h * Tp;
+      for (int64_t t = 0; t < Tp; ++t) dst[t] = t < a.T ? to_float(col[t * a.x_row_stride]) : 0.0f;
+    }
+  }
+}
+
+// xa[r][t] = A[r]·x[t], the LoRA down-projection: one work item (A is a few rows); the other
+// threads wait at the barrier. Called inside the parallel region.
+inline void lora_down(const QProjArgs& a, bool use_gemv, int64_t rank_p, int64_t Tp, const float* xt, float* wbuf,
+                      float* xa) {
+#pragma omp single
+  {
+    if (use_gemv) {
+      gemv(a.rank, a.lora_a, a.hidden, a.hidden, xt, a.hidden, a.T, xa, Tp);
+    } else {
+      load_padded(a.lora_a, a.hidden, a.rank, a.hidden, wbuf, a.hidden, rank_p);
+      gemm_lanes<false>(rank_p, Tp, a.hidden, wbuf, a.hidden, 1, xt, Tp, xa, Tp, nullptr);
+    }
+  }
+}
+
+// qbuf[o][t] = W[f0 + o]·x[t] for the D rows of one head, in fp32.
+template <class Elem>
+void head_product(const QProjArgs& a, bool use_gemv, int64_t Tp, const Elem* w_head, const float* xt, float* wbuf,
+                  const float* ones, float* qbuf) {
+  const int64_t D = a.head_dim, H = a.hidden;
+  if (use_gemv) {
+    gemv(D, w_head, a.w_row_stride, H, xt, H, a.T, qbuf, Tp);
+  } else if constexpr (std::is_same_v<Elem, float>) {
+    // fp32 W is read in place by the micro-kernel, so its memory traffic overlaps the FMAs; only a
+    // partial last tile of rows goes through a zero-padded copy.
+    const int64_t full = D / kTileRows * kTileRows;
+    gemm_lanes<false>(full, Tp, H, w_head, a.w_row_stride, 1, xt, Tp, qbuf, Tp, nullptr);
+    if (full < D) {
+      load_padded(w_head + full * a.w_row_stride, a.w_row_stride, D - full, H, wbuf, H, kTileRows);
+      gemm_lanes<false>(kTileRows, Tp, H, wbuf, H, 1, xt, Tp, qbuf + full * Tp, Tp, nullptr);
+    }
+  } else {
+    // Half-precision W is converted to fp32 kConvertChunk columns at a time, right before its use
+    // (docs/tuning.md). Chunks after the first accumulate onto q.
+    for (int64_t o0 = 0; o0 < D; o0 += kTileRows) {
+      for (int64_t h0 = 0; h0 < H; h0 += kConvertChunk) {
+        const int64_t len = std::min(kConvertChunk, H - h0);
+        load_padded(w_head + o0 * a.w_row_stride + h0, a.w_row_stride, std::min<int64_t>(kTileRows, D - o0), len, wbuf,
+                    kConvertChunk, kTileRows);
+        if (h0 == 0)
+          gemm_lanes<false>(kTileRows, Tp, len, wbuf, kConvertChunk, 1, xt, Tp, qbuf + o0 * Tp, Tp, nullptr);
+        else
+          gemm_lanes<true>(kTileRows, Tp, len, wbuf, kConvertChunk, 1, xt + h0 * Tp, Tp, qbuf + o0 * Tp, Tp, ones);
+      }
+    }
+  }
+}
+
+// Row t of one head: bias, LoRA up-projection, RMSNorm, RoPE (rotate_half layout), rounded once to
+// x's dtype into out[t][head].
+template <class Elem>
+void finish_row(const QProjArgs& a, int64_t head, int64_t t, int64_t Tp, const float* qbuf, const float* xa, float* q) {
+  const int64_t D = a.head_dim, f0 = head * D, rank = a.lora_a ? a.rank : 0;
+  for (int64_t d = 0; d < D; ++d) q[d] = qbuf[d * Tp + t];
+  if (a.bias)
+    for (int64_t d = 0; d < D; ++d) q[d] += a.bias[f0 + d];
+  for (int64_t d = 0; d < D && rank > 0; ++d) {
+    const float* brow = a.lora_b + (f0 + d) * rank;
+    float lora = 0.0f;
+    for (int64_t r = 0; r < rank; ++r) lora += xa[r * Tp + t] * brow[r];
+    q[d] += a.lora_scale * lora;
+  }
+  if (a.norm_weight) {
+    float sq = 0.0f;
+    for (int64_t d = 0; d < D; ++d) sq += q[d] * q[d];
+    const float inv_rms = 1.0f / std::sqrt(sq / float(D) + a.eps);
+    for (int64_t d = 0; d < D; ++d) q[d] = q[d] * inv_rms * a.norm_weight[d];
+  }
+  // rot = cat(-q[D/2:], q[:D/2])
+  const int64_t half = D / 2;
+  const float* c = a.cos + t * D;
+  const float* s = a.sin + t * D;
+  Elem* out = static_cast<Elem*>(a.out) + (t * a.num_heads + head) * D;
+  for (int64_t d = 0; d < half; ++d) {
+    out[d] = from_float<Elem>(q[d] * c[d] - q[d + half] * s[d]);
+    out[d + half] = from_float<Elem>(q[d + half] * c[d + half] + q[d] * s[d + half]);
+  }
+}
+
 template <class Elem>
 void run(const QProjArgs& a, int num_threads) {
   const int64_t T = a.T, D = a.head_dim, H = a.hidden;
@@ -107,7 +202,6 @@ void run(const QProjArgs& a, int num_threads) {
   const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
   const bool use_gemv = T <= kGemvMaxRows;
 
-  // x in fp32: transposed, xt[h][t] with zero lanes t >= T (lanes), or as rows [T][H] (GEMV)
   FloatBuffer xt = alloc_floats(H * Tp);
   FloatBuffer xa = alloc_floats(rank_p * Tp);  // (x·Aᵀ) transposed: xa[r][t]
   // wbuf: rows of A or of W ([rank_p or kTileRows][H]), or a chunk of W ([kTileRows][kConvertChunk])
@@ -123,90 +217,14 @@ void run(const QProjArgs& a, int num_threads) {
     float* ones = q + round_up(D, 16);                                    // [Tp] rescale factors of 1
     std::fill(ones, ones + Tp, 1.0f);
 
-    if (use_gemv) {
-#pragma omp single
-      load_padded(static_cast<const Elem*>(a.x), a.x_row_stride, T, H, xt.get(), H, T);
-    } else {
-#pragma omp for schedule(static)
-      for (int64_t h = 0; h < H; ++h) {
-        const Elem* col = static_cast<const Elem*>(a.x) + h;
-        float* dst = xt.get() + h * Tp;
-        for (int64_t t = 0; t < Tp; ++t) dst[t] = t < T ? to_float(col[t * a.x_row_stride]) : 0.0f;
-      }
-    }
-
-    if (rank > 0) {
-      // xa[r][t] = A[r]·x[t]: one work item (A is a few rows); the others wait at the barrier.
-#pragma omp single
-      {
-        if (use_gemv) {
-          gemv(rank, a.lora_a, H, H, xt.get(), H, T, xa.get(), Tp);
-        } else {
-          load_padded(a.lora_a, H, rank, H, wbuf, H, rank_p);
-          gemm_lanes<false>(rank_p, Tp, H, wbuf, H, 1, xt.get(), Tp, xa.get(), Tp, nullptr);
-        }
-      }
-    }
+    load_x<Elem>(a, use_gemv, Tp, xt.get());
+    if (rank > 0) lora_down(a, use_gemv, rank_p, Tp, xt.get(), wbuf, xa.get());
 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t head = 0; head < a.num_heads; ++head) {
-      const int64_t f0 = head * D;  // first output feature of the head
-      const Elem* w_head = static_cast<const Elem*>(a.weight) + f0 * a.w_row_stride;
-      if (use_gemv) {
-        gemv(D, w_head, a.w_row_stride, H, xt.get(), H, T, qbuf, Tp);
-      } else if constexpr (std::is_same_v<Elem, float>) {
-        // fp32 W is read in place by the micro-kernel, so its memory traffic overlaps the FMAs
-        // (a separate conversion pass stalls on it: 1.7x slower, measured); only a partial last
-        // tile of rows goes through a zero-padded copy.
-        const int64_t full = D / kTileRows * kTileRows;
-        gemm_lanes<false>(full, Tp, H, w_head, a.w_row_stride, 1, xt.get(), Tp, qbuf, Tp, nullptr);
-        if (full < D) {
-          load_padded(w_head + full * a.w_row_stride, a.w_row_stride, D - full, H, wbuf, H, kTileRows);
-          gemm_lanes<false>(kTileRows, Tp, H, wbuf, H, 1, xt.get(), Tp, qbuf + full * Tp, Tp, nullptr);
-        }
-      } else {
-        // Half-precision W is converted to fp32 kConvertChunk columns at a time, right before its
-        // use (whole rows first: stalls on memory; inside the micro-kernel: more instructions than
-        // FMAs; both measured 1.3-2.5x slower). Chunks after the first accumulate onto q.
-        for (int64_t o0 = 0; o0 < D; o0 += kTileRows) {
-          for (int64_t h0 = 0; h0 < H; h0 += kConvertChunk) {
-            const int64_t len = std::min(kConvertChunk, H - h0);
-            load_padded(w_head + o0 * a.w_row_stride + h0, a.w_row_stride, std::min<int64_t>(kTileRows, D - o0), len,
-                        wbuf, kConvertChunk, kTileRows);
-            if (h0 == 0)
-              gemm_lanes<false>(kTileRows, Tp, len, wbuf, kConvertChunk, 1, xt.get(), Tp, qbuf + o0 * Tp, Tp, nullptr);
-            else
-              gemm_lanes<true>(kTileRows, Tp, len, wbuf, kConvertChunk, 1, xt.get() + h0 * Tp, Tp, qbuf + o0 * Tp, Tp,
-                               ones);
-          }
-        }
-      }
-      for (int64_t t = 0; t < T; ++t) {
-        for (int64_t d = 0; d < D; ++d) q[d] = qbuf[d * Tp + t];
-        if (a.bias)
-          for (int64_t d = 0; d < D; ++d) q[d] += a.bias[f0 + d];
-        for (int64_t d = 0; d < D && rank > 0; ++d) {
-          const float* brow = a.lora_b + (f0 + d) * rank;
-          float lora = 0.0f;
-          for (int64_t r = 0; r < rank; ++r) lora += xa[r * Tp + t] * brow[r];
-          q[d] += a.lora_scale * lora;
-        }
-        if (a.norm_weight) {
-          float sq = 0.0f;
-          for (int64_t d = 0; d < D; ++d) sq += q[d] * q[d];
-          const float inv_rms = 1.0f / std::sqrt(sq / float(D) + a.eps);
-          for (int64_t d = 0; d < D; ++d) q[d] = q[d] * inv_rms * a.norm_weight[d];
-        }
-        // RoPE, rotate_half layout: rot = cat(-q[D/2:], q[:D/2])
-        const int64_t half = D / 2;
-        const float* c = a.cos + t * D;
-        const float* s = a.sin + t * D;
-        Elem* out = static_cast<Elem*>(a.out) + (t * a.num_heads + head) * D;
-        for (int64_t d = 0; d < half; ++d) {
-          out[d] = from_float<Elem>(q[d] * c[d] - q[d + half] * s[d]);
-          out[d + half] = from_float<Elem>(q[d + half] * c[d + half] + q[d] * s[d + half]);
-        }
-      }
+      const Elem* w_head = static_cast<const Elem*>(a.weight) + head * D * a.w_row_stride;
+      head_product<Elem>(a, use_gemv, Tp, w_head, xt.get(), wbuf, ones, qbuf);
+      for (int64_t t = 0; t < T; ++t) finish_row<Elem>(a, head, t, Tp, qbuf, xa.get(), q);
     }
   }
 }
