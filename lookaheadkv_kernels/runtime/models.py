@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,33 +134,56 @@ def _convert_smollm2(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+@contextmanager
+def _transformers_quiet(quiet: bool):
+    """transformers' progress bars off and its log at errors only, inside the block; as they were after."""
+    from transformers.utils import logging as hf_logging
+
+    if not quiet:
+        yield
+        return
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(
     source: str | os.PathLike = "smollm2",
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
+    verbose: bool = False,
 ):
     """(model, tokenizer) from "smollm2" (the embedded model) or a local HF checkpoint directory.
 
     float32 is the right dtype on CPU; `attn_implementation` is the model's own prefill/decode
     attention ("sdpa" or "eager"). The model is put in eval mode and checked to be supported.
+    Quiet unless `verbose`: transformers' per-tensor "Loading weights" bars and its warnings are
+    shown only then (errors always raise).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if str(source).lower() == "smollm2":
-        path = smollm2_checkpoint()
-    else:
-        path = Path(source)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{source!s} is not a local HF checkpoint directory (no config.json); pass 'smollm2' for the "
-                "embedded model. The runtime never downloads models."
-            )
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
-    )
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    with _transformers_quiet(not verbose):
+        if str(source).lower() == "smollm2":
+            path = smollm2_checkpoint()
+        else:
+            path = Path(source)
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"{source!s} is not a local HF checkpoint directory (no config.json); pass 'smollm2' for the "
+                    "embedded model. The runtime never downloads models."
+                )
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model.to(device).eval()
     check_supported(model)
     return model, tokenizer
