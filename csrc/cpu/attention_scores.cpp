@@ -45,8 +45,7 @@ constexpr int64_t kMinChunkBlocks = 16;                     // blocks per pass-1
 constexpr int64_t kPartialBudgetBytes = int64_t(16) << 20;  // cap on lookahead_attention's partial outputs
 // Cap on pass 1's stored logits. Below glibc's largest dynamic mmap threshold (32 MiB): from the
 // second call on, the buffer comes from the heap instead of fresh pages, whose faults cost more
-// than the saved GEMM (Llama-8B shapes at 32K, 2 threads: one 128 MiB buffer 94 ms, recompute 82
-// ms, 24 MiB waves 62 ms).
+// than the saved GEMM (docs/tuning.md).
 constexpr int64_t kStoredLogitsBytes = int64_t(24) << 20;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -302,10 +301,9 @@ inline float lane_sum(const float* x, int64_t n) {
 }
 
 // Max of n >= 1 consecutive floats, NaN if any is NaN, with 8 partial maxima. The compare-select is
-// what x86 max instructions do, so it vectorises (nan_max's "or NaN" test does not, and made the
-// whole scoring pass 2.5x slower); NaN is carried by a separate sum of x·0, which is 0 for every
-// finite x and NaN once any x is NaN (inputs here are probabilities: no infinities). Max is
-// order-free, so this equals a plain left-to-right max.
+// what x86 max instructions do, so it vectorises (nan_max's "or NaN" test does not); NaN is carried by a separate sum
+// of x·0, which is 0 for every finite x and NaN once any x is NaN (inputs here are probabilities: no infinities). Max
+// is order-free, so this equals a plain left-to-right max.
 inline float lane_max(const float* x, int64_t n) {
   constexpr int kLanes = 8;
   float acc[kLanes], poison[kLanes] = {};

@@ -30,8 +30,7 @@ inline void micro_tile(int64_t K, const AElem* a, int64_t a_row, int64_t a_k, co
       const float av = to_float(a[u * a_row + k * a_k]);
       // Vectorise along w, never k. Without the pragma GCC 12 fully unrolls the u and w loops when
       // W = 16 (96 statements) and vectorises the k loop instead, shuffling the accumulators every
-      // step: 20-45x slower (measured: lookahead_qproj, 5-16 rows, SmolLM2 shapes 4.4 ms instead of
-      // 0.13 ms; attention_scores, <= 16 query rows per KV head, N = 2048: 10.6 ms instead of 0.5 ms).
+      // step (an order of magnitude slower; docs/tuning.md).
 #pragma omp simd
       for (int w = 0; w < W; ++w) acc[u][w] += av * brow[w];
     }
