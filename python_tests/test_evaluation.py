@@ -290,6 +290,14 @@ def test_cli_lists_the_evaluation_commands():
         harness.parse_policies("snapkv,h2o")
 
 
+def test_evaluation_policy_names_derive_from_the_runtime_registry():
+    from lookaheadkv_kernels.evaluation.policies import ALL_POLICIES, CONTROLS, FULL, PEER_POLICIES
+    from lookaheadkv_kernels.runtime import POLICIES
+
+    assert ALL_POLICIES == (FULL, *POLICIES, *CONTROLS, *PEER_POLICIES)
+    assert harness._parser().get_default("policies") == ",".join(ALL_POLICIES)
+
+
 @pytest.mark.parametrize("name, same_budgets", [("snapkv-lkvpool", False), ("snapkv-lkvconfig", True)])
 def test_snapkv_controls_pool_and_budget_like_lookaheadkv(name, same_budgets):
     from lookaheadkv_kernels.evaluation.policies import ALL_POLICIES, build_policy

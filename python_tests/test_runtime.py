@@ -1,6 +1,7 @@
 """Runtime tests on random tiny models of every supported family (Llama, Mistral, Qwen2, Qwen3),
 with the model's SDPA and eager attention. The real SmolLM2 is in test_runtime_smollm2.py."""
 
+import importlib.util
 import os
 import warnings
 
@@ -20,8 +21,8 @@ from lookaheadkv_kernels.runtime import (  # noqa: E402
     LookaheadKV,
     LookaheadModule,
     Oracle,
+    Policy,
     PyramidKV,
-    RandomPolicy,
     SnapKV,
     SpecKV,
     StreamingLLM,
@@ -32,11 +33,13 @@ from lookaheadkv_kernels.runtime import (  # noqa: E402
     make_policy,
     prefill_and_evict,
     ragged_masks,
+    register,
     resolve_budget,
 )
-from lookaheadkv_kernels.runtime.lookahead import ScoreOptions, target_linear  # noqa: E402
+from lookaheadkv_kernels.runtime.lookahead import target_linear  # noqa: E402
 from lookaheadkv_kernels.runtime.models import layer_parts  # noqa: E402
-from lookaheadkv_kernels.runtime.policies import LOOKAHEAD_POOL_SHIFT, Run  # noqa: E402
+from lookaheadkv_kernels.runtime.policies import LOOKAHEAD_POOL_SHIFT, PRESETS, Run, policy_names  # noqa: E402
+from lookaheadkv_kernels.runtime.scoring import ScoreOptions  # noqa: E402
 from lookaheadkv_kernels.runtime.tap import tap_layers  # noqa: E402
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -182,19 +185,10 @@ def test_lookahead_stream_is_differentiable_in_the_module_only():
 
 
 def all_policies(model):
-    return [
-        SnapKV(),
-        SnapKV.kvpress(),
-        PyramidKV(),
-        StreamingLLM(),
-        KNorm(),
-        RandomPolicy(),
-        LAQ(),
-        SpecKV(num_draft=4),
-        SpecKV(draft_model=tiny_model("llama", seed=5), num_draft=4),
-        Oracle(),
-        LookaheadKV(trained_looking(model)),
-    ]
+    """Every registered policy and preset (small drafts for speed), and SpecKV with a separate draft model."""
+    options = {"speckv": dict(num_draft=4), "lookaheadkv": dict(module=trained_looking(model))}
+    registered = [make_policy(name, model, **options.get(name, {})) for name in policy_names()]
+    return registered + [SpecKV(draft_model=tiny_model("llama", seed=5), num_draft=4)]
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -556,18 +550,73 @@ def test_lookaheadkv_spreads_its_budget_over_depth():
             LookaheadKV(module, depth_ramp=bad)
 
 
-def test_policy_names_and_options():
-    assert set(POLICIES) == {
-        "snapkv",
-        "pyramidkv",
-        "streamingllm",
-        "knorm",
-        "random",
-        "laq",
-        "speckv",
-        "oracle",
-        "lookaheadkv",
-    }
+def test_lookaheadkv_paper_configuration_beside_the_tuned_defaults():
+    model = tiny_model("llama")
+    module = trained_looking(model)
+    paper, tuned = LookaheadKV.paper(module), LookaheadKV(module)
+
+    def config(p):
+        return p.window_votes, p.options.query_reduce, p.depth_ramp, p.options.pool_shift
+
+    assert config(paper) == (0.0, "mean", 0.0, 0) and config(tuned) == (1.0, "max", 0.5, 4)
+    assert (paper.options.pool_type, paper.options.pool_kernel, paper.options.gqa_reduce) == ("avg", 17, "mean")
+    assert (tuned.options.pool_type, tuned.options.pool_kernel, tuned.options.gqa_reduce) == ("avg", 17, "mean")
+    assert LookaheadKV.paper(module, pool_kernel=1).options.pool_kernel == 1
+    ids = prompt_ids(80)
+    assert prefill_and_evict(model, ids, paper, budget=24).stats.budgets == [24] * 3  # uniform budgets
+    rows_alone = LookaheadKV(module, query_reduce="mean", depth_ramp=0, window_votes=0, pool_shift=0)
+    for a, b in zip(collect_scores(model, ids, paper), collect_scores(model, ids, rows_alone)):
+        assert torch.equal(a, b)
+
+
+def test_every_policy_is_one_registered_module_of_the_policies_package():
+    import pkgutil
+
+    from lookaheadkv_kernels.runtime import policies
+
+    modules = sorted(f"{policies.__name__}.{m.name}" for m in pkgutil.iter_modules(policies.__path__))
+    assert sorted(cls.__module__ for cls in POLICIES.values()) == [m for m in modules if not m.endswith(".base")]
+    assert all(name == cls.name for name, cls in POLICIES.items())
+    assert policy_names() == [*POLICIES, *PRESETS] and "snapkv-kvpress" in PRESETS
+
+
+TOY_POLICY = """
+import torch
+
+from lookaheadkv_kernels.runtime.policies import Policy, register
+from lookaheadkv_kernels.runtime.scoring import KeyScorer
+
+
+@register
+class Earliest(Policy):
+    \"\"\"Keeps the earliest prompt keys.\"\"\"
+
+    name = "toy-earliest"
+
+    def scorer(self, run):
+        n = run.num_prompt
+        return KeyScorer(lambda keys: -torch.arange(n, dtype=torch.float32).expand(*keys.shape[:2], n))
+"""
+
+
+def test_a_policy_in_one_new_file_is_usable_by_name(tmp_path, monkeypatch):
+    path = tmp_path / "toy_earliest_policy.py"
+    path.write_text(TOY_POLICY)
+    monkeypatch.setitem(POLICIES, "toy-earliest", None)  # the test's registration is undone afterwards
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    assert "toy-earliest" in policy_names()
+    model, ids = tiny_model("llama"), prompt_ids(80)
+    eviction = prefill_and_evict(model, ids, "toy-earliest", budget=24)
+    assert eviction.stats.policy == "toy-earliest"
+    assert all(torch.equal(kept, torch.arange(24).expand(1, 2, -1)) for kept in eviction.kept)
+    result = generate(model, None, ids, policy="toy-earliest", num_sink=0, budget=24, max_new_tokens=3)
+    assert len(result.token_ids) == 3 and result.eviction.kept == [24] * 3
+    with pytest.raises(ValueError, match="already registered"):
+        register(type("Other", (Policy,), {"name": "toy-earliest"}))
+
+
+def test_policy_options_by_name():
     model = tiny_model("llama")
     ids = prompt_ids()
     a = generate(model, None, ids, policy="snapkv", window=8, num_sink=0, budget=12, max_new_tokens=3)

@@ -16,20 +16,14 @@ pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
 from lookaheadkv_kernels.runtime import (  # noqa: E402
-    LAQ,
-    KNorm,
     LookaheadKV,
     LookaheadModule,
-    Oracle,
-    PyramidKV,
-    RandomPolicy,
-    SnapKV,
-    SpecKV,
-    StreamingLLM,
     depth_ramp_budgets,
     encode_prompt,
     generate,
     load_model,
+    make_policy,
+    policy_names,
     prefill_and_evict,
 )
 from lookaheadkv_kernels.runtime.models import smollm2_gguf_path  # noqa: E402
@@ -82,18 +76,8 @@ def test_budget_at_least_prompt_generates_full_cache_tokens(smollm2, needle_ids)
     ids = needle_ids
     expected = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
     expected = expected[0, ids.shape[1] :].tolist()
-    policies = [
-        SnapKV(),
-        SnapKV.kvpress(),
-        PyramidKV(),
-        StreamingLLM(),
-        KNorm(),
-        RandomPolicy(),
-        LAQ(),
-        SpecKV(),
-        Oracle(),
-        LookaheadKV(LookaheadModule(model)),
-    ]
+    options = {"lookaheadkv": dict(module=LookaheadModule(model))}
+    policies = [make_policy(name, model, **options.get(name, {})) for name in policy_names()]
     for policy in policies:
         result = generate(model, tokenizer, ids, policy=policy, budget=ids.shape[1], max_new_tokens=8)
         assert result.token_ids == expected, policy

@@ -20,6 +20,7 @@ from ..runtime.policies import (
     LOOKAHEAD_POOL_SHIFT,
     LOOKAHEAD_POOL_TYPE,
     LOOKAHEAD_QUERY_REDUCE,
+    POLICIES,
     LookaheadKV,
     SnapKV,
     depth_ramp_budgets,
@@ -50,13 +51,14 @@ class SnapKVWithLookaheadConfig(SnapKV):
 
 
 FULL = "full"
-RUNTIME_POLICIES = ("lookaheadkv", "snapkv", "pyramidkv", "streamingllm", "knorm", "random", "laq", "speckv", "oracle")
 CONTROLS = {
     "snapkv-lkvpool": lambda: SnapKV(pool_kernel=LOOKAHEAD_POOL_KERNEL, pool_type=LOOKAHEAD_POOL_TYPE),
     SnapKVWithLookaheadConfig.name: SnapKVWithLookaheadConfig,
 }
 PEER_POLICIES = tuple(PRESSES)
-ALL_POLICIES = (FULL,) + RUNTIME_POLICIES + tuple(CONTROLS) + PEER_POLICIES
+# Every name the evaluation runs: the full cache, the runtime's registered policies (in registration
+# order), the controls, the kvpress peers.
+ALL_POLICIES = (FULL, *POLICIES, *CONTROLS, *PEER_POLICIES)
 
 
 def load_lookahead(model, module_dir: str | Path | None = None) -> tuple[LookaheadModule, Path]:

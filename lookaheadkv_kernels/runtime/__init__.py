@@ -43,6 +43,8 @@ from .policies import (  # noqa: E402
     StreamingLLM,
     depth_ramp_budgets,
     make_policy,
+    policy_names,
+    register,
 )
 
 __all__ = [
@@ -79,4 +81,6 @@ __all__ = [
     "StreamingLLM",
     "depth_ramp_budgets",
     "make_policy",
+    "policy_names",
+    "register",
 ]

@@ -25,6 +25,9 @@ from transformers.models.llama.modeling_llama import rotate_half
 from .. import lookahead_attention, lookahead_qproj
 from ..ops.validation import check_int
 from .models import LayerParts, architecture, config_hash, layer_parts, rms_eps
+from .scoring import ScoreOptions, shift_scores
+
+PLAIN_SCORES = ScoreOptions()  # GQA mean, mean over the queries, no pooling, no shift
 
 ATTENTION_TARGETS = ("q", "k", "v", "o")
 MLP_TARGETS = ("gate", "up", "down")
@@ -278,30 +281,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-@dataclass(frozen=True)
-class ScoreOptions:
-    """How attention becomes per-key scores: the attention_scores arguments a policy chooses, and
-    `pool_shift`, applied to their result (`shift_scores`)."""
-
-    gqa_reduce: str = "mean"
-    pool_kernel: int = 1
-    pool_type: str = "max"
-    query_reduce: str = "mean"
-    pool_shift: int = 0
-
-
-def shift_scores(scores: torch.Tensor, shift: int) -> torch.Tensor:
-    """scores[..., j] <- scores[..., max(j - shift, 0)]: each key takes the (pooled) score of the key
-    `shift` positions before it, so a pooling window [j - k/2, j + k/2] becomes [j - k/2 - shift,
-    j + k/2 - shift] and the kept spans reach `shift` tokens further past the keys the queries attend
-    to (the first `shift` keys take key 0's score)."""
-    if shift == 0:
-        return scores
-    shift = min(shift, scores.shape[-1])
-    first = scores[..., :1].expand(*scores.shape[:-1], shift)
-    return torch.cat([first, scores[..., : scores.shape[-1] - shift]], dim=-1)  # index_select: 20x slower on CPU
-
-
 def lookahead_layer(
     module: LookaheadModule,
     parts: LayerParts,
@@ -312,7 +291,7 @@ def lookahead_layer(
     prompt_keys: torch.Tensor,
     prompt_values: torch.Tensor,
     num_scored: int,
-    options: ScoreOptions = ScoreOptions(),
+    options: ScoreOptions = PLAIN_SCORES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoder layer for the lookahead rows: (their output hidden [B, n, hidden], prompt-key scores).
 
@@ -371,7 +350,7 @@ def lookahead_stream(
     module: LookaheadModule,
     prompt_kv,
     num_scored: int | None = None,
-    options: ScoreOptions = ScoreOptions(),
+    options: ScoreOptions = PLAIN_SCORES,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Run the lookahead rows through every layer from a full prompt cache.
 
