@@ -1,4 +1,4 @@
-"""Shared by the op tests: which (backend, device) pairs to run, tolerances, comparisons."""
+"""Shared by the op tests: which (backend, device) pairs to run, tolerances, inputs."""
 
 from __future__ import annotations
 
@@ -37,26 +37,6 @@ def require(backend, device):
 def tf32_like(backend, device, dtype):
     """Triton's float32 dot on a GPU uses tf32 by default (~3e-4 relative)."""
     return dtype == torch.float32 and backend == "triton" and device == "cuda"
-
-
-def rel_err(out, ref):
-    out = out.double()
-    ref = ref.double()
-    assert not torch.isnan(out).any(), "NaN in output"
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def assert_close(out, ref, rtol, atol, what):
-    out64, ref64 = out.double().cpu(), ref.double().cpu()
-    assert out64.shape == ref64.shape, f"{what}: shape {tuple(out64.shape)} != {tuple(ref64.shape)}"
-    assert not torch.isnan(out64).any(), f"{what}: NaN in output"
-    err = (out64 - ref64).abs()
-    bound = atol + rtol * ref64.abs()
-    worst = (err - bound).argmax()
-    assert (err <= bound).all(), (
-        f"{what}: max violation at flat index {worst.item()}: got {out64.flatten()[worst].item()}, "
-        f"want {ref64.flatten()[worst].item()} (rtol {rtol}, atol {atol}); rel err {rel_err(out64, ref64):.2e}"
-    )
 
 
 def randn(*shape, dtype=torch.float32, device="cpu", generator=None, scale=1.0):

@@ -14,7 +14,7 @@ The op tests (test_<op>.py) also run the cuda backend on GPU machines.
 import cuda_emulator
 import pytest
 import torch
-from op_testing import HAS_CUDA, assert_close, randn
+from op_testing import HAS_CUDA, randn
 
 from lookaheadkv_kernels.backends import cuda as cuda_backend
 from lookaheadkv_kernels.backends import reference
@@ -108,7 +108,14 @@ def test_emulated_qproj(emulated, dtype, case):
     for launch in launches(emulated):
         got = cuda_backend.run_lookahead_qproj(launch, *args)
         assert got.dtype == dtype and got.shape == want.shape
-        assert_close(got, want, what=f"q (num_sms={launch.num_sms})", **qproj_tolerance(dtype))
+        torch.testing.assert_close(
+            got,
+            want,
+            **qproj_tolerance(dtype),
+            check_dtype=False,
+            check_device=False,
+            msg=lambda m: f"q (num_sms={launch.num_sms}): {m}",
+        )
 
 
 # ---- attention_scores / lookahead_attention -----------------------------------------------------
@@ -166,13 +173,34 @@ def check_attention_case(module, dtype, case, query_reduce):
     q, k, v = attention_inputs(case, dtype, torch.Generator().manual_seed(len(case) + case[4]))
     args = CHECKS["lookahead_attention"](q, k, v, *attention_args(case, query_reduce))
     want_out, want_scores = reference.lookahead_attention(q.double(), k.double(), v.double(), *args[3:])
-    assert_close(want_scores, expected_scores(q, k, case, query_reduce), what="reference scores", rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        want_scores,
+        expected_scores(q, k, case, query_reduce),
+        rtol=1e-12,
+        atol=0,
+        check_dtype=False,
+        check_device=False,
+    )
     for launch in launches(module):
         out, scores = cuda_backend.run_attention(launch, *args)
         _, alone = cuda_backend.run_attention(launch, args[0], args[1], None, *args[3:])
         what = f"(query_reduce={query_reduce}, num_sms={launch.num_sms})"
-        assert_close(scores, want_scores, what=f"scores {what}", **score_tolerance(dtype))
-        assert_close(out, want_out, what=f"out {what}", **output_tolerance(dtype))
+        torch.testing.assert_close(
+            scores,
+            want_scores,
+            **score_tolerance(dtype),
+            check_dtype=False,
+            check_device=False,
+            msg=lambda m: f"scores {what}: {m}",
+        )
+        torch.testing.assert_close(
+            out,
+            want_out,
+            **output_tolerance(dtype),
+            check_dtype=False,
+            check_device=False,
+            msg=lambda m: f"out {what}: {m}",
+        )
         assert torch.equal(alone, scores), "attention_scores differs from lookahead_attention's scores"
 
 
@@ -212,8 +240,8 @@ def test_emulated_attention_strided(emulated, dtype, layout):
     want_out, want_scores = reference.lookahead_attention(q.double(), k.double(), v.double(), *args[3:])
     for launch in launches(emulated):
         out, scores = cuda_backend.run_attention(launch, *args)
-        assert_close(scores, want_scores, what="scores", **score_tolerance(dtype))
-        assert_close(out, want_out, what="out", **output_tolerance(dtype))
+        torch.testing.assert_close(scores, want_scores, **score_tolerance(dtype), check_dtype=False, check_device=False)
+        torch.testing.assert_close(out, want_out, **output_tolerance(dtype), check_dtype=False, check_device=False)
 
 
 @pytest.mark.parametrize("query_reduce", ["mean", "max"])
@@ -388,8 +416,8 @@ def test_gpu_large_attention_and_select(dtype, query_reduce):
     args = (N - Tq, D**-0.5, "max", 7, "max", query_reduce)
     out, scores = cuda_backend.lookahead_attention(q, k, v, *args)
     want_out, want_scores = reference.lookahead_attention(q.double(), k.double(), v.double(), *args)
-    assert_close(scores, want_scores, what="scores", **score_tolerance(dtype))
-    assert_close(out, want_out, what="out", **output_tolerance(dtype))
+    torch.testing.assert_close(scores, want_scores, **score_tolerance(dtype), check_dtype=False, check_device=False)
+    torch.testing.assert_close(out, want_out, **output_tolerance(dtype), check_dtype=False, check_device=False)
     k_out, v_out, kept = cuda_backend.select_compact(scores, k, v, 1024, 4)
     want_kept = reference.kept_positions(scores, N, 1024, 4)
     assert torch.equal(kept, want_kept)
