@@ -3,7 +3,13 @@
 Environment switches:
   LOOKAHEADKV_CUDA        auto (default: build _C_cuda when nvcc is found) | 1 (require it) | 0 (skip it)
   LOOKAHEADKV_CUDA_ARCHS  CUDA architectures, default "80;90"
-  LOOKAHEADKV_CPU_ARCH    -march for the CPU kernels, default "native" (empty: compiler default)
+  LOOKAHEADKV_CPU_ARCH    target of the CPU kernels. Default "dispatch": on x86-64, the kernels are
+                          built for x86-64-v2 (SSE4.2), x86-64-v3 (AVX2, FMA) and x86-64-v4 (AVX-512)
+                          and each call runs the best level the CPU supports, so a wheel runs on any
+                          x86-64-v2 CPU (elsewhere: the compiler's default target). Any other value is
+                          one -march for all of them: "native" (only for CPUs like the building one),
+                          "x86-64-v3", ...; empty: the compiler's default. At run time
+                          LOOKAHEADKV_CPU_ISA=x86_64_v2|x86_64_v3|x86_64_v4 forces a level.
   LOOKAHEADKV_BUILD_JOBS  parallel build jobs, default: CPU count
 """
 
@@ -61,7 +67,7 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             "-DCMAKE_BUILD_TYPE=Release",
-            f"-DLOOKAHEADKV_CPU_ARCH={os.environ.get('LOOKAHEADKV_CPU_ARCH', 'native')}",
+            f"-DLOOKAHEADKV_CPU_ARCH={os.environ.get('LOOKAHEADKV_CPU_ARCH', 'dispatch')}",
             f"-DLOOKAHEADKV_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
         ]
         if with_cuda:

@@ -37,7 +37,7 @@
 #include "cpu/kernels.h"
 #include "cpu/numeric.h"
 
-namespace lookaheadkv::cpu {
+namespace lookaheadkv::cpu::LOOKAHEADKV_ISA {
 namespace {
 
 constexpr int64_t kKeyBlock = 16 * kTileRows;               // keys per block: 96, whole micro-tiles
@@ -474,4 +474,4 @@ void paged_attention(const PagedAttentionArgs& p, int num_threads) {
   }
 }
 
-}  // namespace lookaheadkv::cpu
+}  // namespace lookaheadkv::cpu::LOOKAHEADKV_ISA

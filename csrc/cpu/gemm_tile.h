@@ -10,7 +10,7 @@
 
 #include "cpu/numeric.h"
 
-namespace lookaheadkv::cpu {
+namespace lookaheadkv::cpu::LOOKAHEADKV_ISA {
 
 constexpr int kTileRows = 6;          // broadcast rows per micro-tile
 constexpr int64_t kLaneQuantum = 16;  // the vector dimension is padded to a multiple of this
@@ -58,4 +58,4 @@ inline void gemm_lanes(int64_t rows, int64_t width, int64_t K, const AElem* a, i
   if (width - w0 >= 16) sweep(std::integral_constant<int, 16>{});
 }
 
-}  // namespace lookaheadkv::cpu
+}  // namespace lookaheadkv::cpu::LOOKAHEADKV_ISA

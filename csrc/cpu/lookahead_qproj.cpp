@@ -24,7 +24,7 @@
 #include "cpu/kernels.h"
 #include "cpu/numeric.h"
 
-namespace lookaheadkv::cpu {
+namespace lookaheadkv::cpu::LOOKAHEADKV_ISA {
 namespace {
 
 constexpr int64_t kConvertChunk = 256;  // columns of half-precision W converted at a time
@@ -235,4 +235,4 @@ void lookahead_qproj(const QProjArgs& args, int num_threads) {
   dispatch_dtype(args.dtype, [&](auto tag) { run<decltype(tag)>(args, num_threads); });
 }
 
-}  // namespace lookaheadkv::cpu
+}  // namespace lookaheadkv::cpu::LOOKAHEADKV_ISA

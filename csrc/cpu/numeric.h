@@ -11,8 +11,9 @@
 #include <new>
 
 #include "common.h"
+#include "cpu/isa.h"
 
-namespace lookaheadkv::cpu {
+namespace lookaheadkv::cpu::LOOKAHEADKV_ISA {
 
 // Storage types of the half-precision dtypes: raw IEEE bits.
 struct Half {
@@ -141,4 +142,4 @@ decltype(auto) dispatch_dtype(DType dtype, F&& f) {
   }
 }
 
-}  // namespace lookaheadkv::cpu
+}  // namespace lookaheadkv::cpu::LOOKAHEADKV_ISA

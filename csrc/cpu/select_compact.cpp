@@ -21,7 +21,7 @@
 #include "cpu/kernels.h"
 #include "cpu/numeric.h"
 
-namespace lookaheadkv::cpu {
+namespace lookaheadkv::cpu::LOOKAHEADKV_ISA {
 namespace {
 
 // Integer-only and branch-free (a branch on the sign would mispredict on every other score).
@@ -272,4 +272,4 @@ void paged_select_compact(const PagedSelectArgs& p, int num_threads) {
   }
 }
 
-}  // namespace lookaheadkv::cpu
+}  // namespace lookaheadkv::cpu::LOOKAHEADKV_ISA
