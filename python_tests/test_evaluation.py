@@ -187,16 +187,17 @@ def test_decoding_a_replayed_cache_equals_generate():
 
 
 def test_kvpress_peer_equals_kvpress_own_prefill():
-    kvpress = pytest.importorskip("kvpress")
-    from lookaheadkv_kernels.evaluation.kvpress_peers import PRESSES, press_evict
+    pytest.importorskip("kvpress")
+    from lookaheadkv_kernels.evaluation.kvpress_peers import PRESSES, make_press, press_evict
 
     model = tiny_llama()
+    module = trained_looking(model)
     ids = torch.randint(3, VOCAB, (1, 120), generator=torch.Generator().manual_seed(3))
     prefill = capture_prefill(model, ids)
     budget = 40
-    for name, cls in PRESSES.items():
-        ours = press_evict(model, prefill, name, budget)
-        press = getattr(kvpress, cls)(compression_ratio=(120 - budget) / 120)
+    for name in PRESSES:
+        ours = press_evict(model, prefill, name, budget, module=module)
+        press = make_press(name, (120 - budget - 0.5) / 120, module)
         cache = transformers.DynamicCache()
         with torch.no_grad(), press(model):
             model(input_ids=ids, past_key_values=cache, use_cache=True)

@@ -123,7 +123,7 @@ def evaluate(model, tokenizer, samples, policies, budgets, store: ResultStore, *
                 tokens, seconds, kept = continuation[:, : sample.max_new_tokens], 0.0, prefill.full_cache_bytes()
             else:
                 if policy in PEER_POLICIES:
-                    replay = press_evict(model, prefill, policy, budget)
+                    replay = press_evict(model, prefill, policy, budget, module=module)
                 else:
                     replay = evict(
                         model,
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
         with load_errors_reported(parser, "--model"):
             model, tokenizer = load_model(args.model)
         module = module_dir = None
-        if "lookaheadkv" in policies:
+        if "lookaheadkv" in policies or "lookaheadkv-kvpress" in policies:
             with load_errors_reported(parser, "--module"):
                 module, module_dir = load_lookahead(model, args.module)
         if any(p in PEER_POLICIES for p in policies):

@@ -5,14 +5,18 @@ from the attention's input hidden states, the layer's keys/values and the positi
 layer's compression never changes what later layers compute during the prefill, so calling
 `press.compress` on the captured inputs of every layer reproduces kvpress's own prefill exactly,
 without a prefill per press. The budget is matched through kvpress's compression ratio: it keeps
-int(N * (1 - ratio)) entries, and ratio = (N - budget) / N asks for `budget`.
+int(N * (1 - ratio)) entries, and ratio = (N - budget - 0.5) / N asks for `budget` whatever the
+rounding of the ratio.
 
 Presses at their kvpress defaults: SnapKVPress (window 64, avg-pool 5, GQA mean), StreamingLLMPress
-(4 sinks), KnormPress, ExpectedAttentionPress (its own defaults).
+(4 sinks), KnormPress, ExpectedAttentionPress (its own defaults); and this package's press for
+kvpress, LookaheadKVPress (`integrations.kvpress`: the runtime's LookaheadKV with uniform budgets),
+with the evaluation's lookahead module.
 """
 
 from __future__ import annotations
 
+import importlib
 import time
 
 import torch
@@ -20,12 +24,23 @@ import torch
 # "<method>-kvpress": the method as kvpress implements and configures it. The runtime's own
 # "snapkv-kvpress" (`SnapKV.kvpress()`) is the same method on the package's kernels; the peer runs
 # kvpress's code, so the suite compares against kvpress itself.
-PRESSES = {
-    "snapkv-kvpress": "SnapKVPress",
-    "streamingllm-kvpress": "StreamingLLMPress",
-    "knorm-kvpress": "KnormPress",
-    "expected-kvpress": "ExpectedAttentionPress",
+PRESSES = {  # name: (module, press class)
+    "snapkv-kvpress": ("kvpress", "SnapKVPress"),
+    "streamingllm-kvpress": ("kvpress", "StreamingLLMPress"),
+    "knorm-kvpress": ("kvpress", "KnormPress"),
+    "expected-kvpress": ("kvpress", "ExpectedAttentionPress"),
+    "lookaheadkv-kvpress": ("lookaheadkv_kernels.integrations.kvpress", "LookaheadKVPress"),
 }
+
+
+def make_press(name: str, compression_ratio: float, module=None):
+    """Press `name` at `compression_ratio`; "lookaheadkv-kvpress" runs lookahead module `module`
+    (None: the one shipped for the model)."""
+    path, press_class = PRESSES[name]
+    press = getattr(importlib.import_module(path), press_class)
+    if name == "lookaheadkv-kvpress":
+        return press(compression_ratio=compression_ratio, module=module)
+    return press(compression_ratio=compression_ratio)
 
 
 def kvpress_version() -> str:
@@ -46,21 +61,20 @@ def kvpress_version() -> str:
 
 
 @torch.no_grad()
-def press_evict(model, prefill, name: str, budget: int):
-    """Compress a copy of `prefill`'s cache with kvpress press `name` to `budget` entries per layer.
+def press_evict(model, prefill, name: str, budget: int, module=None):
+    """Compress a copy of `prefill`'s cache with kvpress press `name` to `budget` entries per layer
+    (`module`: the lookahead module of "lookaheadkv-kvpress", None for the shipped one).
 
     Returns the evaluation's `Replay` (the cache, the seconds spent compressing, the bytes kept).
     """
-    import kvpress
-
     from ..runtime.cache import CompactedCache, CompactedLayer
     from .replay import Replay
 
     num_prompt = prefill.num_prompt
     if isinstance(budget, float):
         budget = max(1, round(budget * num_prompt))
-    ratio = max(0.0, (num_prompt - budget) / num_prompt)
-    press = getattr(kvpress, PRESSES[name])(compression_ratio=ratio)
+    ratio = max(0.0, (num_prompt - budget - 0.5) / num_prompt)
+    press = make_press(name, ratio, module)
     start = time.perf_counter()
     cache = CompactedCache()
     positions = torch.arange(num_prompt, device=prefill.input_ids.device)
