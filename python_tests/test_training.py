@@ -244,25 +244,13 @@ def test_loss_refuses_settings_that_leave_no_key(model, records, tmp_path):
         record_loss(model, trainer.module, record, trainer.config, "cpu")
 
 
-@pytest.mark.parametrize(
-    "missing,legacy",
-    [
-        (
-            ("num_sink", "recent", "pool_kernel", "pool_type"),
-            dict(num_sink=0, pool_kernel=1),
-        ),  # before sinks were left out
-        (("pool_kernel", "pool_type"), dict(pool_kernel=1)),  # before pooling (session 3's modules)
-    ],
-)
-def test_checkpoint_from_before_a_setting_resumes_only_with_its_old_meaning(model, records, tmp_path, missing, legacy):
-    make_trainer(model, records, tmp_path, **legacy).run(until=1)
+def test_checkpoint_without_a_setting_is_refused(model, records, tmp_path):
+    make_trainer(model, records, tmp_path).run(until=1)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    for name in missing:  # as written before the setting existed
-        del state["config"][name]
+    del state["config"]["pool_kernel"]
     torch.save(state, tmp_path / "checkpoint.pt")
-    assert make_trainer(model, records, tmp_path, **legacy).load_checkpoint()
-    with pytest.raises(ValueError, match=missing[0]):
-        make_trainer(model, records, tmp_path).load_checkpoint()  # the defaults are another loss
+    with pytest.raises(ValueError, match="pool_kernel"):
+        make_trainer(model, records, tmp_path).load_checkpoint()
 
 
 def test_validation_reports_kl_and_recall(model, records, tmp_path):

@@ -7,11 +7,9 @@ without gradients), so gradients reach only the lookahead embeddings and LoRA, t
 rows. The first `num_sink` keys (default: the policy's 4 protected sinks) and the last `recent` keys
 (default 0) — kept by the LookaheadKV policy whatever their score — are left out, and both
 distributions are pooled over the keys between (default avg 5; `pool_kernel` 1 = none; the policy
-ranks by smoothed scores too) and renormalised, so the loss spends itself on the ranking the policy uses.
-On held-apart evaluation prompts each step lowered the full-cache answer's NLL at budget 128 against
-a module trained on all keys, unpooled: 1.117 -> 1.065 (sinks out) -> 0.996 (pooled);
-bench/results/lookaheadkv_training_variants.md. A batch averages the loss of
-`batch_size` prompts (one at a time: prompts differ in length).
+ranks by smoothed scores too) and renormalised, so the loss spends itself on the ranking the policy uses
+(docs/tuning.md). A batch averages the loss of `batch_size` prompts (one at a time: prompts differ in
+length).
 
 AdamW with linear warm-up then cosine decay to `final_lr_ratio`, gradient-norm clipping. The order
 of the records is a pure function of (seed, step), so a checkpoint (module, optimizer, scheduler,
@@ -38,8 +36,6 @@ from .targets import kl_divergence, normalise, topk_recall
 from .teacher import TeacherRecord, load_record
 
 CHECKPOINT_FILE = "checkpoint.pt"
-# Settings added after the first checkpoints were written, with the values those runs trained with.
-LEGACY_SETTINGS = {"num_sink": 0, "recent": 0, "pool_kernel": 1, "pool_type": "avg"}
 
 
 @dataclass
@@ -60,9 +56,8 @@ class TrainConfig:
     budgets: tuple[int, ...] = (64, 128, 256, 512)
     num_sink: int = DEFAULT_NUM_SINK  # leading keys left out of the loss and the validation measures
     recent: int = 0  # trailing keys left out likewise
-    # Pooling of target and prediction over the scored keys (1 = none). Avg 5 is the shipped module's
-    # recipe; fitting the policy's own wider pooling (17) measured worse on the end-task proxy:
-    # bench/results/lookaheadkv_training_variants.md.
+    # Pooling of target and prediction over the scored keys (1 = none): the shipped module's recipe
+    # (docs/tuning.md).
     pool_kernel: int = 5
     pool_type: str = "avg"
 
@@ -87,7 +82,7 @@ def pool(scores: torch.Tensor, config: TrainConfig) -> torch.Tensor:
     """scores [..., K] pooled along K (stride 1, padding k//2; an average counts only real keys).
 
     Applied after the sinks are dropped: pooled in, their large mass would spread onto their
-    neighbours (pooling over all keys, as the ops do, measured worse on the end-task proxy).
+    neighbours.
     """
     if config.pool_kernel == 1:
         return scores
@@ -227,7 +222,7 @@ class Trainer:
         if not self.checkpoint_path.is_file():
             return False
         state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
-        saved, current = {**LEGACY_SETTINGS, **state["config"]}, asdict(self.config)
+        saved, current = state["config"], asdict(self.config)
         schedule_free = {"eval_every", "checkpoint_every"}  # the only settings a resumed run may change
         differing = {k: (saved.get(k), v) for k, v in current.items() if k not in schedule_free and saved.get(k) != v}
         if differing:
