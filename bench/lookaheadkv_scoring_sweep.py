@@ -23,6 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from provenance import provenance
 
 from lookaheadkv_kernels.argtypes import choice_list
 from lookaheadkv_kernels.evaluation.policies import load_lookahead
@@ -55,7 +56,7 @@ VARIANTS.update(
     }
 )
 VARIANTS.update(
-    {  # other widths with the default ramp (measured at 8K, where the default width was not tuned)
+    {  # other widths with the default ramp (for the 8K sweep, where the default width was not tuned)
         f"avg-pool {kernel} + depth ramp 0.5": dict(
             pool_kernel=kernel, pool_type="avg", depth_ramp=0.5, query_reduce="mean"
         )
@@ -82,7 +83,7 @@ VARIANTS = {
     name: dict(options, window_votes=0) for name, options in VARIANTS.items()
 }  # all above: the lookahead rows alone
 VARIANTS.update(
-    {  # the lookahead rows' scores plus SnapKV's window votes (LookaheadKV's window_votes; the default since session 7)
+    {  # the lookahead rows' scores plus SnapKV's window votes (LookaheadKV's window_votes)
         f"avg-pool 17 + depth ramp 0.5 + query max + window votes {weight}": dict(
             pool_kernel=17, pool_type="avg", depth_ramp=0.5, query_reduce="max", window_votes=weight, window=32
         )
@@ -91,7 +92,7 @@ VARIANTS.update(
 )
 VARIANTS = {name: dict(options, pool_shift=0) for name, options in VARIANTS.items()}  # all above: unshifted
 VARIANTS.update(
-    {  # the pooled scores moved `shift` keys later (LookaheadKV's pool_shift; 4 is the default since session 8)
+    {  # the pooled scores moved `shift` keys later (LookaheadKV's pool_shift)
         f"avg-pool {kernel} + depth ramp 0.5 + query max + window votes 1.0 + shift {shift}": dict(
             pool_kernel=kernel,
             pool_type="avg",
@@ -165,6 +166,7 @@ def report(args) -> str:
     lines = [
         "# LookaheadKV scoring variants on SmolLM2 (`bench/lookaheadkv_scoring_sweep.py`)",
         "",
+        provenance(str(args.out.with_suffix(".md"))),
         f"Mean NLL per token of the full-cache greedy answer, teacher-forced on the evicted cache (lower is "
         f"better); {len(records)} tuning prompts (evaluation-suite tasks, sample indices {sorted(set(args.indices))}, "
         f"disjoint from the reported suite's index 0); module `{args.module or 'shipped'}`.",

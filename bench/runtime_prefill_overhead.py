@@ -11,6 +11,7 @@ import time
 import warnings
 
 import torch
+from provenance import provenance
 
 from lookaheadkv_kernels.runtime import LAQ, LookaheadKV, LookaheadModule, SnapKV, SpecKV, load_model, prefill_and_evict
 
@@ -44,6 +45,7 @@ def main():
         f"# Prefill + eviction time, SmolLM2-135M-Instruct fp32 on CPU ({torch.get_num_threads()} threads), "
         f"{LENGTH}-token prompt, budget {BUDGET}, best of {REPEATS}\n"
     )
+    print(provenance("bench/results/runtime_prefill_overhead.md"))
     print("| policy | seconds | overhead vs full prefill |")
     print("|---|---|---|")
     for name, seconds in rows:

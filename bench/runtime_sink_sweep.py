@@ -12,6 +12,7 @@ import time
 import warnings
 
 import torch
+from provenance import provenance
 
 from lookaheadkv_kernels.evaluation.tasks import make_sample, prompt_ids, score
 from lookaheadkv_kernels.runtime import KNorm, RandomPolicy, SnapKV, generate, load_model
@@ -60,6 +61,7 @@ def main():
         f"# num_sink sweep: SmolLM2-135M-Instruct, tasks {', '.join(TASKS)} at {LENGTH} tokens, "
         f"{SAMPLES} samples each, budget {BUDGET}\n"
     )
+    print(provenance("bench/results/runtime_sink_sweep.md"))
     print(f"Full cache: mean score {full_score / n:.2f}\n")
     print("| policy | num_sink | mean score | mean tokens agreeing with the full-cache answer |")
     print("|---|---|---|---|")

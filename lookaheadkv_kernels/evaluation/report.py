@@ -89,17 +89,31 @@ def write_csv(table: Table, path: Path, policies, budgets, lengths, tasks):
                         )
 
 
+def run_line(run: dict) -> str:
+    """One run of a results file: its command, then what is known of where and how it ran."""
+    facts = [
+        f"{label}{run[key]}{unit}"
+        for key, label, unit in (
+            ("commit", "commit ", ""),
+            ("date", "", ""),
+            ("machine", "", ""),
+            ("module", "module ", ""),
+            ("seed", "seed ", ""),
+            ("threads", "", " CPU threads"),
+            ("seconds", "", " s"),
+        )
+        if run.get(key) is not None
+    ]
+    return f"`{run.get('command')}` — " + "; ".join(facts)
+
+
 def markdown(table: Table, meta: dict, policies, budgets, lengths, tasks) -> str:
     main = MAIN_BUDGET if MAIN_BUDGET in budgets else budgets[0]
     lines = []
     runs = meta.get("runs", [meta] if meta else [])
     if runs:
         lines += ["Produced by these runs of the results file, in order (a later run adds only missing records):", ""]
-        lines += [
-            f"- `{run.get('command')}` — module `{run.get('module')}`; seed {run.get('seed')}; "
-            f"{run.get('threads')} CPU threads; {run.get('seconds')} s"
-            for run in runs
-        ]
+        lines += [f"- {run_line(run)}" for run in runs]
         lines += [""]
     count = {n: len({r["uid"] for rs in table.cells.values() for r in rs if r["length"] == n}) for n in lengths}
     lines += [f"Samples per length: {', '.join(f'{n}: {count[n]}' for n in lengths)} ({len(tasks)} tasks).", ""]
