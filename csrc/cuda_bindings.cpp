@@ -85,6 +85,52 @@ void select_compact(py::handle scores, py::handle k, py::handle v, int64_t budge
   cuda::select_compact(a, workspace_ptr(device, workspace, need), as_stream(stream));
 }
 
+void run_paged_attention(const PagedAttentionArgs& p, DeviceCheck& device, py::handle workspace, int num_sms,
+                         uintptr_t stream) {
+  const AttentionArgs& a = p.a;
+  const size_t need =
+      cuda::paged_attention_workspace_bytes(a.dtype, a.B, a.Hq, a.Hkv, p.total_q, a.N, a.D, a.out != nullptr, num_sms);
+  cuda::paged_attention(p, workspace_ptr(device, workspace, need), num_sms, as_stream(stream));
+}
+
+// The index tensors are not read here: the kernels check them on the device (no host sync).
+void paged_attention_scores(py::handle q, py::handle q_offsets, py::handle k_cache, py::handle block_table,
+                            py::handle seq_lens, py::handle num_scored, double scale, const std::string& gqa_reduce,
+                            int64_t pool_kernel, const std::string& pool_type, const std::string& query_reduce,
+                            const std::string& layout, py::handle scores, py::handle workspace, int num_sms,
+                            uintptr_t stream) {
+  check_num_sms(num_sms);
+  DeviceCheck device(kDevice);
+  const PagedAttentionArgs p =
+      paged_attention_args(device, q, q_offsets, k_cache, py::none(), block_table, seq_lens, num_scored, scale,
+                           gqa_reduce, pool_kernel, pool_type, query_reduce, layout, py::none(), scores);
+  run_paged_attention(p, device, workspace, num_sms, stream);
+}
+
+void paged_lookahead_attention(py::handle q, py::handle q_offsets, py::handle k_cache, py::handle v_cache,
+                               py::handle block_table, py::handle seq_lens, py::handle num_scored, double scale,
+                               const std::string& gqa_reduce, int64_t pool_kernel, const std::string& pool_type,
+                               const std::string& query_reduce, const std::string& layout, py::handle out,
+                               py::handle scores, py::handle workspace, int num_sms, uintptr_t stream) {
+  check_num_sms(num_sms);
+  DeviceCheck device(kDevice);
+  const PagedAttentionArgs p =
+      paged_attention_args(device, q, q_offsets, k_cache, v_cache, block_table, seq_lens, num_scored, scale, gqa_reduce,
+                           pool_kernel, pool_type, query_reduce, layout, out, scores);
+  run_paged_attention(p, device, workspace, num_sms, stream);
+}
+
+void paged_select_compact(py::handle scores, py::handle k_cache, py::handle v_cache, py::handle block_table,
+                          py::handle seq_lens, py::handle num_scored, py::handle budgets, int64_t num_sink,
+                          const std::string& layout, py::handle new_lens, py::handle kept, py::handle workspace,
+                          uintptr_t stream) {
+  DeviceCheck device(kDevice);
+  const PagedSelectArgs p = paged_select_args(device, scores, k_cache, v_cache, block_table, seq_lens, num_scored,
+                                              budgets, num_sink, layout, new_lens, kept);
+  const size_t need = cuda::paged_select_workspace_bytes(p.B, p.Hkv, p.max_blocks * p.block_size);
+  cuda::paged_select_compact(p, workspace_ptr(device, workspace, need), as_stream(stream));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C_cuda, m) {
@@ -102,6 +148,21 @@ PYBIND11_MODULE(_C_cuda, m) {
       py::arg("q"), py::arg("k"), py::arg("num_scored"), py::arg("with_out"), py::arg("num_sms"));
   m.def("select_workspace_bytes", &cuda::select_workspace_bytes, py::arg("B"), py::arg("Hkv"), py::arg("N"),
         py::arg("S"), py::arg("budget"), py::arg("num_sink"));
+  m.def(
+      "paged_attention_workspace_bytes",
+      [](py::handle q_obj, py::handle k_cache, py::handle block_table_obj, const std::string& layout, bool with_out,
+         int num_sms) {
+        DeviceCheck device(kDevice);
+        const TensorArg q = tensor_arg(q_obj, "q", 3), block_table = tensor_arg(block_table_obj, "block_table", 2);
+        const PagedCache k = paged_cache(device, k_cache, "k_cache", layout);
+        check_float(q);
+        return cuda::paged_attention_workspace_bytes(float_dtype(q), block_table.size(0), q.size(1), k.Hkv, q.size(0),
+                                                     block_table.size(1) * k.block_size, q.size(2), with_out, num_sms);
+      },
+      py::arg("q"), py::arg("k_cache"), py::arg("block_table"), py::arg("layout"), py::arg("with_out"),
+      py::arg("num_sms"));
+  m.def("paged_select_workspace_bytes", &cuda::paged_select_workspace_bytes, py::arg("B"), py::arg("Hkv"),
+        py::arg("capacity"));
   m.def("lookahead_qproj", &lookahead_qproj, py::arg("x"), py::arg("weight"), py::arg("bias").none(true),
         py::arg("lora_a").none(true), py::arg("lora_b").none(true), py::arg("lora_scale"), py::arg("cos"),
         py::arg("sin"), py::arg("num_heads"), py::arg("norm_weight").none(true), py::arg("eps"), py::arg("out"),
@@ -115,4 +176,15 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("select_compact", &select_compact, py::arg("scores"), py::arg("k"), py::arg("v"), py::arg("budget"),
         py::arg("num_sink"), py::arg("k_out"), py::arg("v_out"), py::arg("kept"), py::arg("workspace"),
         py::arg("stream"));
+  m.def("paged_attention_scores", &paged_attention_scores, py::arg("q"), py::arg("q_offsets"), py::arg("k_cache"),
+        py::arg("block_table"), py::arg("seq_lens"), py::arg("num_scored"), py::arg("scale"), py::arg("gqa_reduce"),
+        py::arg("pool_kernel"), py::arg("pool_type"), py::arg("query_reduce"), py::arg("layout"), py::arg("scores"),
+        py::arg("workspace"), py::arg("num_sms"), py::arg("stream"));
+  m.def("paged_lookahead_attention", &paged_lookahead_attention, py::arg("q"), py::arg("q_offsets"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("block_table"), py::arg("seq_lens"), py::arg("num_scored"), py::arg("scale"),
+        py::arg("gqa_reduce"), py::arg("pool_kernel"), py::arg("pool_type"), py::arg("query_reduce"), py::arg("layout"),
+        py::arg("out"), py::arg("scores"), py::arg("workspace"), py::arg("num_sms"), py::arg("stream"));
+  m.def("paged_select_compact", &paged_select_compact, py::arg("scores"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("block_table"), py::arg("seq_lens"), py::arg("num_scored"), py::arg("budgets"), py::arg("num_sink"),
+        py::arg("layout"), py::arg("new_lens"), py::arg("kept"), py::arg("workspace"), py::arg("stream"));
 }

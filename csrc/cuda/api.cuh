@@ -24,9 +24,19 @@ size_t attention_workspace_bytes(DType dtype, int64_t B, int64_t Hq, int64_t Hkv
                                  int64_t S, bool with_out, int num_sms);
 void attention(const AttentionArgs& a, void* workspace, int num_sms, Stream stream);
 
+// ---- paged_attention_scores / paged_lookahead_attention (csrc/cuda/attention_scores.cu) --------
+// The index tensors are read on the device only: a sequence with out-of-range data gets NaN.
+size_t paged_attention_workspace_bytes(DType dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t total_q,
+                                       int64_t capacity, int64_t D, bool with_out, int num_sms);
+void paged_attention(const PagedAttentionArgs& a, void* workspace, int num_sms, Stream stream);
+
 // ---- select_compact (csrc/cuda/select_compact.cu) ----------------------------------------------
 size_t select_workspace_bytes(int64_t B, int64_t Hkv, int64_t N, int64_t S, int64_t budget, int64_t num_sink);
 void select_compact(const SelectArgs& a, void* workspace, Stream stream);
+
+// ---- paged_select_compact (csrc/cuda/select_compact.cu) -----------------------------------------
+size_t paged_select_workspace_bytes(int64_t B, int64_t Hkv, int64_t capacity);
+void paged_select_compact(const PagedSelectArgs& a, void* workspace, Stream stream);
 
 }  // namespace cuda
 }  // namespace lookaheadkv

@@ -1,5 +1,6 @@
-// attention_scores and lookahead_attention (docs/ops.md §2-3): one code path, the attention output
-// P·V is a template mode of the same kernel.
+// attention_scores and lookahead_attention (docs/ops.md §2-3), and their paged forms (§5): one code
+// path, the attention output P·V is a template mode of the same kernel, and a dense batch row is a
+// sequence whose keys are rows of one strided tensor.
 //
 // Rows: the query rows of one KV head's GQA group are packed into the M dimension, each query head
 // padded to a multiple of 16 rows (one m16 tile never spans two heads), so every K/V tile loaded
@@ -27,6 +28,14 @@
 // Scores are bit-identical with and without the output: the column sums depend only on the rows
 // of a block and on pass 1, never on the key chunking of pass 2, and the arithmetic is pinned with
 // explicit round-to-nearest intrinsics (no contraction differences between the two instantiations).
+//
+// Paged: K/V rows are read through the block table; each sequence's N_b, S_b, Tq_b and first query
+// row come from the index tensors, read on the device only. A first kernel checks them (every block
+// id a sequence uses, every length and query offset) into per-sequence descriptors and maps the
+// grid's rows to (sequence, row-block unit); a sequence with invalid data is never read, its scores
+// and output rows become NaN. The grids depend on sizes only: chunks cover the table's capacity (a
+// chunk past a sequence's keys exits, or writes zero partial outputs), grid rows cover what any
+// split of total_q query rows over B sequences can need (rows no sequence owns exit at once).
 #include <cmath>
 
 #include "device.cuh"
@@ -64,24 +73,89 @@ struct Cfg {
   }
 };
 
+// A paged sequence as checked on the device (paged_sequences_kernel).
+struct SeqDesc {
+  int32_t N, S, Tq;
+  int32_t q_row0;  // its first row in q and out (q_offsets[b])
+  int32_t seg0;    // its first segment slot in the column sums
+  int32_t valid;   // index data in range (q_offsets' well-formedness is the separate flag)
+};
+
+// A paged grid row: sequence b's row-block unit `unit` (b < 0: no work).
+struct UnitRef {
+  int32_t b, unit;
+};
+
 struct Params {
   const void* q;
   int64_t q_sb, q_sh, q_st;
   const void* k;
-  int64_t k_sb, k_sh, k_sn;
+  int64_t k_sb, k_sh, k_sn, k_sblk;
   const void* v;
-  int64_t v_sb, v_sh, v_sn;
+  int64_t v_sb, v_sh, v_sn, v_sblk;
+  const int32_t* blocks;  // paged: block table [B][blocks_stride]; null for dense K/V
+  int64_t blocks_stride;
+  int block_size;
+  const SeqDesc* seqs;     // paged: per-sequence sizes; null for dense (N, S, Tq below)
+  const UnitRef* units;    // paged: what each grid row (blockIdx.y) runs; null for dense
+  const int* offsets_bad;  // paged: nonzero when q_offsets is malformed (no sequence's rows are known)
   int B, Hq, Hkv, G, Tq, N, D, S;
-  float scale_log2;  // scale · log2(e): logits in base-2 units
-  int mtiles_per_head, heads_per_block, nseg;
-  int chunk_keys, key_end;   // this pass's key chunks cover [0, key_end)
-  int stats_chunks;          // the stats pass's chunk count (combined by pass 2)
+  int segment_rows;          // query rows of one head a block holds: 16 · warps
+  float scale_log2;          // scale · log2(e): logits in base-2 units
+  int chunk_keys;            // this pass's key chunks
+  int stats_chunk_keys;      // the stats pass's chunk width
+  int stats_chunks;          // the stats pass's chunk count (its workspace stride)
   bool q_vec, k_vec, v_vec;  // rows 16-byte aligned: cp.async
   bool query_max;            // query_reduce: column max instead of column sum
-  float* ws_stats;           // [B][Hq][Tq][stats_chunks][2]: (max, sum)
-  float* ws_col;             // [B][Hq][nseg][S]: column sums (maxima) of P
-  float* ws_out;             // [chunks][B][Hq][Tq][D]: P·V per chunk
+  float* ws_stats;           // [query rows][Hq][stats_chunks][2]: (max, sum)
+  float* ws_col;             // [segment slots][Hq][col_stride]: column sums (maxima) of P
+  int64_t col_stride;
+  float* ws_out;  // [chunks][out's elements], each chunk laid out as out: P·V per chunk
+  int64_t out_sb, out_sh, out_st, out_elems;
 };
+
+// One sequence's sizes as the kernels see them. Dense: the call's N, S, Tq for every batch row.
+struct Sequence {
+  int N, S, Tq;
+  int q_row0;       // first query row in q and out, after the batch stride (dense: 0)
+  int ws_row0;      // first query row in the workspace's stats
+  int seg0, nseg;   // its segment slots in the column sums: a head's rows in blocks of segment_rows
+  bool valid;       // the sequence is read and written
+  bool rows_known;  // its query rows are well-defined (they get NaN outputs when it is invalid)
+};
+
+__device__ __forceinline__ Sequence sequence(const Params& p, int b) {
+  if (p.seqs == nullptr) {
+    const int nseg = (p.Tq + p.segment_rows - 1) / p.segment_rows;
+    return {p.N, p.S, p.Tq, 0, b * p.Tq, b * nseg, nseg, true, true};
+  }
+  const SeqDesc d = p.seqs[b];
+  const bool rows_known = *p.offsets_bad == 0;
+  const int nseg = (d.Tq + p.segment_rows - 1) / p.segment_rows;
+  return {d.N, d.S, d.Tq, d.q_row0, d.q_row0, d.seg0, nseg, rows_known && d.valid != 0, rows_known};
+}
+
+// How a group's query rows split into row-block units, from Tq alone: whole heads per unit when a
+// head has <= warps m16 tiles, else one segment of warps tiles of one head per unit.
+struct RowGeometry {
+  int mtiles_per_head, heads_per_block, nseg, units;
+};
+
+__host__ __device__ __forceinline__ RowGeometry row_geometry(int Tq, int G, int warps) {
+  RowGeometry r;
+  r.mtiles_per_head = (Tq + 15) / 16;
+  if (r.mtiles_per_head <= warps) {
+    const int fit = warps / r.mtiles_per_head;
+    r.heads_per_block = fit < G ? fit : G;
+    r.nseg = 1;
+    r.units = (G + r.heads_per_block - 1) / r.heads_per_block;
+  } else {
+    r.heads_per_block = 1;
+    r.nseg = (r.mtiles_per_head + warps - 1) / warps;
+    r.units = G * r.nseg;
+  }
+  return r;
+}
 
 // Combines two partial column reductions of P over query rows: a sum (query_reduce = mean) or a
 // NaN-propagating max (query_reduce = max; P >= 0, so the zeros of hidden keys and padding rows
@@ -90,28 +164,28 @@ __device__ __forceinline__ float reduce_rows(float a, float b, bool query_max) {
   return query_max ? nan_max(a, b) : __fadd_rn(a, b);
 }
 
-// Which query rows warp `warp` of row block `rowblock` owns.
+// Which query rows warp `warp` of row-block unit `unit` owns.
 struct WarpRows {
   bool active;
   int head;   // within the GQA group
   int mtile;  // m16 tile within the head
-  int seg;    // segment of the head (several blocks per head when it has > kWarps tiles)
+  int seg;    // segment of the head
 };
 
 template <int kWarps>
-__device__ __forceinline__ WarpRows warp_rows(const Params& p, int rowblock, int warp) {
+__device__ __forceinline__ WarpRows warp_rows(const RowGeometry& geo, int G, int unit, int warp) {
   WarpRows r;
-  if (p.nseg == 1) {
-    const int slot = warp / p.mtiles_per_head;
-    r.head = rowblock * p.heads_per_block + slot;
-    r.mtile = warp % p.mtiles_per_head;
+  if (geo.nseg == 1) {
+    const int slot = warp / geo.mtiles_per_head;
+    r.head = unit * geo.heads_per_block + slot;
+    r.mtile = warp % geo.mtiles_per_head;
     r.seg = 0;
-    r.active = slot < p.heads_per_block && r.head < p.G;
+    r.active = slot < geo.heads_per_block && r.head < G;
   } else {
-    r.head = rowblock / p.nseg;
-    r.seg = rowblock % p.nseg;
+    r.head = unit / geo.nseg;
+    r.seg = unit % geo.nseg;
     r.mtile = r.seg * kWarps + warp;
-    r.active = r.mtile < p.mtiles_per_head;
+    r.active = r.mtile < geo.mtiles_per_head;
   }
   return r;
 }
@@ -221,13 +295,31 @@ struct TileMath<float, D_PAD> {  // fp32: FMAs producing the same fragment eleme
   }
 };
 
-// Rows first..first+ROWS-1 of a [rows][D] matrix (row stride in elements) -> shared memory rows
-// of C::kStride, copied by THREADS threads (tid = this thread's index among them); rows >= limit
-// are zero-filled. 16-byte cp.async when `vec` (rows 16-byte aligned), element-wise otherwise.
-// Columns D..D_PAD stay zero from the kernel's initial clear (never written).
+// Rows j of one (sequence, head) of q, K or V: dense at base + j·token_stride, or paged (blocks
+// not null: the sequence's block table row) at base + blocks[j / block_size]·block_stride +
+// (j % block_size)·token_stride. Only rows below the sequence's length are addressed.
+template <typename T>
+struct RowSource {
+  const T* base;
+  int64_t token_stride;
+  const int32_t* blocks;
+  int block_size;
+  int64_t block_stride;
+
+  __device__ __forceinline__ const T* row(int j) const {
+    if (blocks == nullptr) return base + static_cast<int64_t>(j) * token_stride;
+    return base + static_cast<int64_t>(blocks[j / block_size]) * block_stride +
+           static_cast<int64_t>(j % block_size) * token_stride;
+  }
+};
+
+// Rows first..first+ROWS-1 of `src` -> shared memory rows of C::kStride, copied by THREADS threads
+// (tid = this thread's index among them); rows >= limit are zero-filled and not read. 16-byte
+// cp.async when `vec` (rows 16-byte aligned), element-wise otherwise. Columns D..D_PAD stay zero
+// from the kernel's initial clear (never written).
 template <typename T, int D_PAD, int ROWS, int THREADS>
-__device__ __forceinline__ void load_rows(T* dst, const T* src, int64_t row_stride, int first, int limit, int D,
-                                          bool vec, int tid) {
+__device__ __forceinline__ void load_rows(T* dst, const RowSource<T>& src, int first, int limit, int D, bool vec,
+                                          int tid) {
   using C = Cfg<T, D_PAD>;
   if (vec) {
     constexpr int kPer = 16 / sizeof(T);
@@ -235,13 +327,25 @@ __device__ __forceinline__ void load_rows(T* dst, const T* src, int64_t row_stri
     for (int c = tid; c < ROWS * per_row; c += THREADS) {
       const int r = c / per_row, col = (c % per_row) * kPer, row = first + r;
       const bool in = row < limit;
-      cp_async16(dst + r * C::kStride + col, src + static_cast<int64_t>(in ? row : 0) * row_stride + col, in);
+      cp_async16(dst + r * C::kStride + col, in ? src.row(row) + col : src.base, in);
     }
   } else {
     for (int e = tid; e < ROWS * D; e += THREADS) {
       const int r = e / D, d = e % D, row = first + r;
-      dst[r * C::kStride + d] = row < limit ? src[static_cast<int64_t>(row) * row_stride + d] : from_float<T>(0.f);
+      dst[r * C::kStride + d] = row < limit ? src.row(row)[d] : from_float<T>(0.f);
     }
+  }
+}
+
+// This chunk's partial output of every query row of KV head kvh's group set to `value`: zero for a
+// chunk past the sequence's keys, NaN for a sequence with invalid index data.
+__device__ __forceinline__ void fill_partial_out(const Params& p, const Sequence& seq, int chunk, int b, int kvh,
+                                                 float value) {
+  const int per_head = seq.Tq * p.D;
+  float* dst = p.ws_out + chunk * p.out_elems + b * p.out_sb + seq.q_row0 * p.out_st + kvh * p.G * p.out_sh;
+  for (int e = threadIdx.x; e < p.G * per_head; e += blockDim.x) {
+    const int head = e / per_head, i = (e % per_head) / p.D, d = e % p.D;
+    dst[head * p.out_sh + i * p.out_st + d] = value;
   }
 }
 
@@ -260,10 +364,54 @@ __global__ void __launch_bounds__(Cfg<T, D_PAD>::kThreads, Cfg<T, D_PAD>::kMinBl
   float* row_m = colsum + C::kWarps * KT;
   float* row_il = row_m + C::kRows;
 
-  const int chunk = blockIdx.x, rowblock = blockIdx.y;
-  const int b = blockIdx.z / p.Hkv, kvh = blockIdx.z % p.Hkv;
+  const int chunk = blockIdx.x;
+  int b, kvh, unit;
+  if (p.units == nullptr) {
+    b = blockIdx.z / p.Hkv;
+    kvh = blockIdx.z % p.Hkv;
+    unit = blockIdx.y;
+  } else {
+    if (*p.offsets_bad != 0) return;  // no row is known: the output combine writes NaN
+    const UnitRef ref = p.units[blockIdx.y];
+    if (ref.b < 0 || ref.b >= p.B) return;  // a grid row between two sequences' units
+    b = ref.b;
+    kvh = blockIdx.z;
+    unit = ref.unit;
+  }
+  const Sequence seq = sequence(p, b);
+  if (!seq.valid) {
+    if constexpr (kOut) {
+      if (chunk == 0 && unit == 0 && seq.rows_known) fill_partial_out(p, seq, chunk, b, kvh, NAN);
+    }
+    return;
+  }
+  const int chunk_begin = chunk * p.chunk_keys;
+  const int chunk_end = min(chunk_begin + p.chunk_keys, MODE == kScores ? seq.S : seq.N);
+  if (chunk_begin >= chunk_end) {  // past the sequence's keys: the later passes skip this chunk
+    if constexpr (kOut) {
+      if (unit == 0) fill_partial_out(p, seq, chunk, b, kvh, 0.f);
+    }
+    return;
+  }
+  const int ntiles = (chunk_end - chunk_begin + KT - 1) / KT;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const WarpRows wr = warp_rows<C::kWarps>(p, rowblock, warp);
+  // Every warp's rows, and how the warps group into heads, in shared memory: they depend on the
+  // sequence's Tq, and recomputing them where they are needed costs registers.
+  __shared__ WarpRows warp_table[C::kWarps];
+  __shared__ int head_slots, warps_per_slot;
+  if (threadIdx.x < C::kWarps) {
+    const RowGeometry geo = row_geometry(seq.Tq, p.G, C::kWarps);
+    warp_table[threadIdx.x] = warp_rows<C::kWarps>(geo, p.G, unit, threadIdx.x);
+    if (threadIdx.x == 0) {
+      head_slots = geo.nseg == 1 ? geo.heads_per_block : 1;
+      warps_per_slot = geo.nseg == 1 ? geo.mtiles_per_head : C::kWarps;
+    }
+  }
+  const int32_t* blocks = p.blocks == nullptr ? nullptr : p.blocks + b * p.blocks_stride;
+  const RowSource<T> keys{static_cast<const T*>(p.k) + b * p.k_sb + kvh * p.k_sh, p.k_sn, blocks, p.block_size,
+                          p.k_sblk};
+  const RowSource<T> values{kOut ? static_cast<const T*>(p.v) + b * p.v_sb + kvh * p.v_sh : nullptr, p.v_sn, blocks,
+                            p.block_size, p.v_sblk};
 
   // Clear Q and the K/V stages: padding rows and dims must read as zeros.
   {
@@ -272,26 +420,30 @@ __global__ void __launch_bounds__(Cfg<T, D_PAD>::kThreads, Cfg<T, D_PAD>::kMinBl
     for (size_t i = threadIdx.x; i < clear_bytes / 16; i += C::kThreads) z[i] = make_uint4(0, 0, 0, 0);
   }
   __syncthreads();
+  const WarpRows wr = warp_table[warp];
 
   // Each warp loads its own 16 query rows (committed with the first K/V tile below).
   if (wr.active) {
-    const T* qhead = static_cast<const T*>(p.q) + b * p.q_sb + (kvh * p.G + wr.head) * p.q_sh;
-    load_rows<T, D_PAD, 16, 32>(sQ + warp * 16 * kStride, qhead, p.q_st, wr.mtile * 16, p.Tq, p.D, p.q_vec, lane);
+    const RowSource<T> queries{
+        static_cast<const T*>(p.q) + b * p.q_sb + (kvh * p.G + wr.head) * p.q_sh + seq.q_row0 * p.q_st, p.q_st, nullptr,
+        0, 0};
+    load_rows<T, D_PAD, 16, 32>(sQ + warp * 16 * kStride, queries, wr.mtile * 16, seq.Tq, p.D, p.q_vec, lane);
   }
   if constexpr (MODE != kStats) {
-    // Softmax statistics of this block's rows: all stats chunks combined in chunk order.
+    // Softmax statistics of this block's rows: the sequence's stats chunks combined in chunk order.
     if (threadIdx.x < C::kRows) {
       const int row = threadIdx.x;
-      const WarpRows rr = warp_rows<C::kWarps>(p, rowblock, row / 16);
+      const WarpRows rr = warp_table[row / 16];
       const int i = rr.mtile * 16 + row % 16;
       float m = 0.f, il = 0.f;
-      if (rr.active && i < p.Tq) {
+      if (rr.active && i < seq.Tq) {
         const int hq = kvh * p.G + rr.head;
-        const float* st = p.ws_stats + ((static_cast<int64_t>(b) * p.Hq + hq) * p.Tq + i) * p.stats_chunks * 2;
+        const int stats_chunks = (seq.N + p.stats_chunk_keys - 1) / p.stats_chunk_keys;
+        const float* st = p.ws_stats + (static_cast<int64_t>(seq.ws_row0 + i) * p.Hq + hq) * p.stats_chunks * 2;
         m = -INFINITY;
-        for (int c = 0; c < p.stats_chunks; ++c) m = fmaxf(m, st[2 * c]);
+        for (int c = 0; c < stats_chunks; ++c) m = fmaxf(m, st[2 * c]);
         float l = 0.f;
-        for (int c = 0; c < p.stats_chunks; ++c)
+        for (int c = 0; c < stats_chunks; ++c)
           l = __fadd_rn(l, __fmul_rn(st[2 * c + 1], exp2f(__fsub_rn(st[2 * c], m))));
         // l >= 1 whenever it is finite (the row max contributes 2^0), so the fast reciprocal is
         // accurate to ~1 ulp here; the IEEE one would add a slow-path call to the kernel.
@@ -307,14 +459,8 @@ __global__ void __launch_bounds__(Cfg<T, D_PAD>::kThreads, Cfg<T, D_PAD>::kMinBl
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int i = wr.mtile * 16 + g + 8 * h;
-    last_visible[h] = (wr.active && i < p.Tq) ? p.N - p.Tq + i : -1;
+    last_visible[h] = (wr.active && i < seq.Tq) ? seq.N - seq.Tq + i : -1;
   }
-
-  const T* kbase = static_cast<const T*>(p.k) + b * p.k_sb + kvh * p.k_sh;
-  const T* vbase = kOut ? static_cast<const T*>(p.v) + b * p.v_sb + kvh * p.v_sh : nullptr;
-  const int chunk_begin = chunk * p.chunk_keys;
-  const int chunk_end = min(chunk_begin + p.chunk_keys, p.key_end);
-  const int ntiles = (chunk_end - chunk_begin + KT - 1) / KT;
 
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};  // stats pass
   float o[D_PAD / 8][4];                                           // output mode
@@ -325,20 +471,19 @@ __global__ void __launch_bounds__(Cfg<T, D_PAD>::kThreads, Cfg<T, D_PAD>::kMinBl
       for (int e = 0; e < 4; ++e) o[dt][e] = 0.f;
   }
 
-  load_rows<T, D_PAD, KT, C::kThreads>(sK, kbase, p.k_sn, chunk_begin, p.N, p.D, p.k_vec, threadIdx.x);
-  if constexpr (kOut)
-    load_rows<T, D_PAD, KT, C::kThreads>(sV, vbase, p.v_sn, chunk_begin, p.N, p.D, p.v_vec, threadIdx.x);
+  load_rows<T, D_PAD, KT, C::kThreads>(sK, keys, chunk_begin, seq.N, p.D, p.k_vec, threadIdx.x);
+  if constexpr (kOut) load_rows<T, D_PAD, KT, C::kThreads>(sV, values, chunk_begin, seq.N, p.D, p.v_vec, threadIdx.x);
   cp_async_commit();
 
   for (int it = 0; it < ntiles; ++it) {
     const int key0 = chunk_begin + it * KT;
     const int stage = it & 1;
     if (it + 1 < ntiles) {
-      load_rows<T, D_PAD, KT, C::kThreads>(sK + (stage ^ 1) * KT * kStride, kbase, p.k_sn, key0 + KT, p.N, p.D, p.k_vec,
+      load_rows<T, D_PAD, KT, C::kThreads>(sK + (stage ^ 1) * KT * kStride, keys, key0 + KT, seq.N, p.D, p.k_vec,
                                            threadIdx.x);
       if constexpr (kOut) {
-        load_rows<T, D_PAD, KT, C::kThreads>(sV + (stage ^ 1) * KT * kStride, vbase, p.v_sn, key0 + KT, p.N, p.D,
-                                             p.v_vec, threadIdx.x);
+        load_rows<T, D_PAD, KT, C::kThreads>(sV + (stage ^ 1) * KT * kStride, values, key0 + KT, seq.N, p.D, p.v_vec,
+                                             threadIdx.x);
       }
       cp_async_commit();
       cp_async_wait<1>();
@@ -399,8 +544,8 @@ __global__ void __launch_bounds__(Cfg<T, D_PAD>::kThreads, Cfg<T, D_PAD>::kMinBl
                       ? __fmul_rn(exp2f(__fsub_rn(__fmul_rn(x, p.scale_log2), m[e >> 1])), il[e >> 1])
                       : 0.f;
             }
-          // Column sums (maxima) over the warp's 16 rows: the pair (g, g+8) in-thread, then across
-          // the 8 g.
+          // Column sums (maxima) over the warp's 16 rows: the pair (g, g+8) in-thread, then
+          // across the 8 g.
 #pragma unroll
           for (int nt = 0; nt < KS / 8; ++nt)
 #pragma unroll
@@ -419,20 +564,18 @@ __global__ void __launch_bounds__(Cfg<T, D_PAD>::kThreads, Cfg<T, D_PAD>::kMinBl
 
     if constexpr (MODE != kStats) {
       // Per head of the block: sum (max) its warps' column sums (maxima) in warp order.
-      const int slots = p.nseg == 1 ? p.heads_per_block : 1;
-      const int warps_per_slot = p.nseg == 1 ? p.mtiles_per_head : C::kWarps;
-      for (int idx = threadIdx.x; idx < slots * KT; idx += C::kThreads) {
+      for (int idx = threadIdx.x; idx < head_slots * KT; idx += C::kThreads) {
         const int slot = idx / KT, col = idx % KT, key = key0 + col;
-        const WarpRows first = warp_rows<C::kWarps>(p, rowblock, slot * warps_per_slot);
-        if (!first.active || key >= p.S) continue;
+        const WarpRows first = warp_table[slot * warps_per_slot];
+        if (!first.active || key >= seq.S) continue;
         float sum = 0.f;
         for (int w = 0; w < warps_per_slot; ++w) {
-          if (warp_rows<C::kWarps>(p, rowblock, slot * warps_per_slot + w).active) {
+          if (warp_table[slot * warps_per_slot + w].active) {
             sum = reduce_rows(sum, colsum[(slot * warps_per_slot + w) * KT + col], p.query_max);
           }
         }
         const int hq = kvh * p.G + first.head;
-        p.ws_col[((static_cast<int64_t>(b) * p.Hq + hq) * p.nseg + first.seg) * p.S + key] = sum;
+        p.ws_col[(static_cast<int64_t>(seq.seg0 + first.seg) * p.Hq + hq) * p.col_stride + key] = sum;
       }
     }
   }
@@ -444,9 +587,9 @@ __global__ void __launch_bounds__(Cfg<T, D_PAD>::kThreads, Cfg<T, D_PAD>::kMinBl
       l = __fadd_rn(l, __shfl_xor_sync(0xffffffffu, l, 1));
       l = __fadd_rn(l, __shfl_xor_sync(0xffffffffu, l, 2));
       const int i = wr.mtile * 16 + g + 8 * h;
-      if (wr.active && t == 0 && i < p.Tq) {
+      if (wr.active && t == 0 && i < seq.Tq) {
         const int hq = kvh * p.G + wr.head;
-        float* st = p.ws_stats + (((static_cast<int64_t>(b) * p.Hq + hq) * p.Tq + i) * p.stats_chunks + chunk) * 2;
+        float* st = p.ws_stats + ((static_cast<int64_t>(seq.ws_row0 + i) * p.Hq + hq) * p.stats_chunks + chunk) * 2;
         st[0] = m_run[h];
         st[1] = l;
       }
@@ -455,12 +598,11 @@ __global__ void __launch_bounds__(Cfg<T, D_PAD>::kThreads, Cfg<T, D_PAD>::kMinBl
   if constexpr (kOut) {
     if (wr.active) {
       const int hq = kvh * p.G + wr.head;
-      const int64_t per_chunk = static_cast<int64_t>(p.B) * p.Hq * p.Tq * p.D;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int i = wr.mtile * 16 + g + 8 * h;
-        if (i >= p.Tq) continue;
-        float* dst = p.ws_out + chunk * per_chunk + ((static_cast<int64_t>(b) * p.Hq + hq) * p.Tq + i) * p.D;
+        if (i >= seq.Tq) continue;
+        float* dst = p.ws_out + chunk * p.out_elems + b * p.out_sb + (seq.q_row0 + i) * p.out_st + hq * p.out_sh;
 #pragma unroll
         for (int dt = 0; dt < D_PAD / 8; ++dt)
 #pragma unroll
@@ -475,64 +617,155 @@ __global__ void __launch_bounds__(Cfg<T, D_PAD>::kThreads, Cfg<T, D_PAD>::kMinBl
 
 constexpr int kFinalTile = 256;
 
+struct FinalizeArgs {
+  float inv_g;  // 1/G and 1/pool_kernel, computed on the host
+  bool gqa_max;
+  int pool_kernel;
+  float inv_pool;
+  bool pool_avg;
+  float* scores;  // [B][Hkv][scores_row]
+  int64_t scores_row;
+};
+
 // scores[b, kvh, j] = pool_j( R_{heads of the group}( sum over segments of the column sum / Tq ) ),
-// or with query_max the max over segments of the column max (no division).
-// The divisions (by Tq, G, pool_kernel) are multiplications by reciprocals computed on the host.
-__global__ void __launch_bounds__(kFinalTile)
-    scores_finalize_kernel(const float* __restrict__ ws_col, int Hq, int Hkv, int G, int nseg, int S, bool query_max,
-                           float inv_tq, float inv_g, bool gqa_max, int pool_kernel, float inv_pool, bool pool_avg,
-                           float* __restrict__ scores) {
+// or with query_max the max over segments of the column max (no division), for j < S_b; -inf for
+// S_b <= j < scores_row (paged rows are wider than any S_b); NaN for a paged sequence with invalid
+// index data. The divisions are multiplications by reciprocals (1/Tq is correctly rounded here).
+__global__ void __launch_bounds__(kFinalTile) scores_finalize_kernel(const Params p, const FinalizeArgs f) {
   float* raw = dynamic_smem<float>();  // kFinalTile + 2 * halo reduced scores
-  const int row = blockIdx.y, b = row / Hkv, kvh = row % Hkv;
-  const int halo = pool_kernel / 2, j0 = blockIdx.x * kFinalTile;
+  const int row = blockIdx.y, b = row / p.Hkv, kvh = row % p.Hkv;
+  const int halo = f.pool_kernel / 2, j0 = blockIdx.x * kFinalTile, j = j0 + threadIdx.x;
+  float* out = f.scores + row * f.scores_row;
+  const Sequence seq = sequence(p, b);
+  if (!seq.valid || j0 >= seq.S) {
+    if (j < f.scores_row) out[j] = seq.valid ? -INFINITY : NAN;
+    return;
+  }
+  const int S = seq.S;
+  const float inv_tq = __fdiv_rn(1.f, static_cast<float>(seq.Tq));
   for (int idx = threadIdx.x; idx < kFinalTile + 2 * halo; idx += kFinalTile) {
-    const int j = j0 - halo + idx;
+    const int jj = j0 - halo + idx;
     float r;
-    if (j >= 0 && j < S) {
-      r = gqa_max ? -INFINITY : 0.f;
-      for (int h = 0; h < G; ++h) {
-        const float* col = ws_col + ((static_cast<int64_t>(b) * Hq + kvh * G + h) * nseg) * S + j;
+    if (jj >= 0 && jj < S) {
+      r = f.gqa_max ? -INFINITY : 0.f;
+      const int64_t seg_stride = p.Hq * p.col_stride;
+      for (int h = 0; h < p.G; ++h) {
+        const float* col = p.ws_col + (static_cast<int64_t>(seq.seg0) * p.Hq + kvh * p.G + h) * p.col_stride + jj;
         float c = col[0];
 #pragma unroll 1  // (unrolled, ptxas spills 8 bytes here)
-        for (int sg = 1; sg < nseg; ++sg) c = reduce_rows(c, col[static_cast<int64_t>(sg) * S], query_max);
-        const float over_queries = query_max ? c : __fmul_rn(c, inv_tq);
-        r = gqa_max ? nan_max(r, over_queries) : __fadd_rn(r, over_queries);
+        for (int sg = 1; sg < seq.nseg; ++sg) c = reduce_rows(c, col[sg * seg_stride], p.query_max);
+        const float over_queries = p.query_max ? c : __fmul_rn(c, inv_tq);
+        r = f.gqa_max ? nan_max(r, over_queries) : __fadd_rn(r, over_queries);
       }
-      if (!gqa_max) r = __fmul_rn(r, inv_g);
+      if (!f.gqa_max) r = __fmul_rn(r, f.inv_g);
     } else {
-      r = pool_avg ? 0.f : -INFINITY;  // avg counts the padding as zeros; max ignores it
+      r = f.pool_avg ? 0.f : -INFINITY;  // avg counts the padding as zeros; max ignores it
     }
     raw[idx] = r;
   }
   __syncthreads();
-  const int j = j0 + threadIdx.x;
-  if (j >= S) return;
-  float v = pool_avg ? 0.f : -INFINITY;
-  for (int w = 0; w < pool_kernel; ++w) {
-    const float r = raw[threadIdx.x + w];
-    v = pool_avg ? __fadd_rn(v, r) : nan_max(v, r);
+  if (j >= S) {
+    if (j < f.scores_row) out[j] = -INFINITY;
+    return;
   }
-  if (pool_avg) v = __fmul_rn(v, inv_pool);
-  scores[static_cast<int64_t>(row) * S + j] = v;
+  float v = f.pool_avg ? 0.f : -INFINITY;
+  for (int w = 0; w < f.pool_kernel; ++w) {
+    const float r = raw[threadIdx.x + w];
+    v = f.pool_avg ? __fadd_rn(v, r) : nan_max(v, r);
+  }
+  if (f.pool_avg) v = __fmul_rn(v, f.inv_pool);
+  out[j] = v;
 }
 
+// out = sum of the chunks' partial outputs in chunk order; all NaN when the paged query offsets are
+// malformed (no row can be attributed to a sequence).
 template <typename T>
-__global__ void __launch_bounds__(256)
-    out_combine_kernel(const float* __restrict__ ws_out, int chunks, int64_t total, T* __restrict__ out) {
+__global__ void __launch_bounds__(256) out_combine_kernel(const float* __restrict__ ws_out, int chunks, int64_t total,
+                                                          const int* offsets_bad, T* __restrict__ out) {
+  const bool poisoned = offsets_bad != nullptr && *offsets_bad != 0;
   for (int64_t e = blockIdx.x * 256ll + threadIdx.x; e < total; e += static_cast<int64_t>(gridDim.x) * 256) {
-    float s = ws_out[e];
-    for (int c = 1; c < chunks; ++c) s += ws_out[c * total + e];
+    float s = poisoned ? NAN : ws_out[e];
+    for (int c = 1; c < chunks && !poisoned; ++c) s += ws_out[c * total + e];
     out[e] = from_float<T>(s);
+  }
+}
+
+// Per paged sequence: N_b, S_b, Tq_b and q_offsets[b] checked against the tensors' sizes and every
+// block id it uses against num_blocks, into its descriptor; a malformed q_offsets (not 0 at the
+// start, total_q at the end and increasing) sets the call's flag, which invalidates every sequence.
+// Each sequence also fills its range of the grid's rows and of the column-sum segment slots. With
+// R = segment_rows and x_b = q_offsets[b] - b (>= 0: every sequence has a query), sequence b owns
+// segment slots [b + x_b / R, b + 1 + (x_b + Tq_b - 1) / R), at least ceil(Tq_b / R) of them, and
+// G times as many grid rows, at least its G·ceil(Tq_b / R) >= units (row_geometry). The ranges tile
+// [0, B + (total_q - B) / R) without a prefix sum over the sequences.
+struct PagedIndex {
+  const int32_t* seq_lens;
+  const int32_t* num_scored;
+  const int32_t* q_offsets;
+  const int32_t* block_table;
+  int64_t max_blocks, num_blocks;
+  int block_size, capacity, total_q, B;
+  int G, warps;  // the attention kernel's row geometry
+  UnitRef* units;
+  int unit_rows;  // the grid's rows (units' length)
+};
+
+constexpr int kCheckThreads = 128;
+
+__device__ __forceinline__ int64_t segment_slot0(int64_t b, int64_t q0, int segment_rows) {
+  return b + (q0 - b) / segment_rows;
+}
+
+__global__ void __launch_bounds__(kCheckThreads)
+    paged_sequences_kernel(const PagedIndex ix, SeqDesc* seqs, int* offsets_bad) {
+  __shared__ int flag;
+  const int b = blockIdx.x;
+  const int N = ix.seq_lens[b], S = ix.num_scored[b];
+  const int64_t q0 = ix.q_offsets[b], q1 = ix.q_offsets[b + 1];
+  const bool offsets_ok =
+      q0 >= b && q0 < q1 && q1 <= ix.total_q && (b > 0 || q0 == 0) && (b < ix.B - 1 || q1 == ix.total_q);
+  const bool sizes_ok = offsets_ok && N >= 1 && N <= ix.capacity && S >= 1 && S <= N && q1 - q0 <= N;
+  const int used_blocks = sizes_ok ? (N + ix.block_size - 1) / ix.block_size : 0;
+  const bool blocks_ok = block_ids_in_range(ix.block_table + b * ix.max_blocks, used_blocks, ix.num_blocks, &flag);
+  const int segment_rows = 16 * ix.warps;
+  const int64_t seg0 = segment_slot0(b, q0, segment_rows);
+  if (threadIdx.x == 0) {
+    seqs[b] = {N,
+               S,
+               static_cast<int32_t>(q1 - q0),
+               static_cast<int32_t>(q0),
+               static_cast<int32_t>(seg0),
+               sizes_ok && blocks_ok ? 1 : 0};
+    if (!offsets_ok) *offsets_bad = 1;
+  }
+  if (!offsets_ok) return;  // the flag disables every grid row
+  const int64_t first = ix.G * seg0, end = ix.G * segment_slot0(b + 1, q1, segment_rows);
+  const int units = row_geometry(static_cast<int>(q1 - q0), ix.G, ix.warps).units;
+  for (int64_t row = first + threadIdx.x; row < end && row < ix.unit_rows; row += kCheckThreads) {
+    const int unit = static_cast<int>(row - first);
+    ix.units[row] = unit < units ? UnitRef{b, unit} : UnitRef{-1, 0};
   }
 }
 
 // ---- host plan -----------------------------------------------------------------------------------
 
+// What a plan depends on: sizes, never index data.
+struct Shape {
+  int64_t B, Hq, Hkv, D;
+  int64_t Tq;          // dense: query rows per batch row; paged: unused
+  int64_t keys;        // key range of the chunks: dense N; paged the capacity
+  int64_t scored;      // scored key range and column-sum row: dense S; paged the capacity
+  int64_t query_rows;  // dense B·Tq; paged total_q
+  bool paged;
+};
+
 struct Plan {
-  int mtiles_per_head, heads_per_block, nseg, rowblocks;
+  int segment_rows;
+  int unit_rows;  // grid.y: dense the units of one (batch row, KV head); paged every sequence's units
+  int64_t grid_z;
   int stats_chunk_keys, stats_chunks;
   int main_chunk_keys, main_chunks;
-  size_t stats_offset, col_offset, out_offset, bytes;
+  size_t seqs_offset, flag_offset, units_offset, stats_offset, col_offset, out_offset, bytes;
 };
 
 // Chunks of the key range [0, key_end) in whole tiles: at most two blocks per multiprocessor (what
@@ -544,48 +777,55 @@ void chunking(int64_t key_end, int key_tile, int64_t blocks_per_chunk, int num_s
   chunks = static_cast<int>(ceil_div(key_end, chunk_keys));
 }
 
-Plan make_plan(int warps, int key_tile, int64_t B, int64_t Hq, int64_t Hkv, int64_t Tq, int64_t N, int64_t D, int64_t S,
-               bool with_out, int num_sms) {
+Plan make_plan(int warps, int key_tile, const Shape& s, bool with_out, int num_sms) {
   Plan p;
-  const int64_t G = Hq / Hkv;
-  p.mtiles_per_head = static_cast<int>(ceil_div(Tq, 16));
-  if (p.mtiles_per_head <= warps) {
-    p.heads_per_block = static_cast<int>(std::min<int64_t>(G, warps / p.mtiles_per_head));
-    p.nseg = 1;
-    p.rowblocks = static_cast<int>(ceil_div(G, p.heads_per_block));
+  const int64_t G = s.Hq / s.Hkv;
+  p.segment_rows = 16 * warps;
+  int64_t segment_slots;
+  if (s.paged) {  // see paged_sequences_kernel
+    segment_slots = s.B + std::max<int64_t>(0, s.query_rows - s.B) / p.segment_rows;
+    p.unit_rows = static_cast<int>(std::min<int64_t>(G * segment_slots, INT32_MAX));
+    p.grid_z = s.Hkv;
   } else {
-    p.heads_per_block = 1;
-    p.nseg = static_cast<int>(ceil_div(p.mtiles_per_head, warps));
-    p.rowblocks = static_cast<int>(G * p.nseg);
+    const RowGeometry geo = row_geometry(static_cast<int>(s.Tq), static_cast<int>(G), warps);
+    segment_slots = s.B * geo.nseg;
+    p.unit_rows = geo.units;
+    p.grid_z = s.B * s.Hkv;
   }
-  const int64_t blocks_per_chunk = B * Hkv * p.rowblocks;
-  chunking(N, key_tile, blocks_per_chunk, num_sms, p.stats_chunk_keys, p.stats_chunks);
-  chunking(with_out ? N : S, key_tile, blocks_per_chunk, num_sms, p.main_chunk_keys, p.main_chunks);
+  check_arg(p.unit_rows <= 65535, "attention: too many query rows per KV head for one grid (> 65535 row blocks)");
+  const int64_t blocks_per_chunk = p.grid_z * p.unit_rows;
+  chunking(s.keys, key_tile, blocks_per_chunk, num_sms, p.stats_chunk_keys, p.stats_chunks);
+  chunking(with_out ? s.keys : s.scored, key_tile, blocks_per_chunk, num_sms, p.main_chunk_keys, p.main_chunks);
   WorkspaceLayout ws;
-  p.stats_offset = ws.take(sizeof(float) * 2 * B * Hq * Tq * p.stats_chunks);
-  p.col_offset = ws.take(sizeof(float) * B * Hq * p.nseg * S);
-  p.out_offset = ws.take(with_out ? sizeof(float) * p.main_chunks * B * Hq * Tq * D : 0);
+  p.seqs_offset = ws.take(s.paged ? sizeof(SeqDesc) * s.B : 0);
+  p.flag_offset = ws.take(s.paged ? sizeof(int) : 0);
+  p.units_offset = ws.take(s.paged ? sizeof(UnitRef) * p.unit_rows : 0);
+  p.stats_offset = ws.take(sizeof(float) * 2 * s.query_rows * s.Hq * p.stats_chunks);
+  p.col_offset = ws.take(sizeof(float) * segment_slots * s.Hq * s.scored);
+  p.out_offset = ws.take(with_out ? sizeof(float) * p.main_chunks * s.query_rows * s.Hq * s.D : 0);
   p.bytes = ws.bytes;
   return p;
 }
 
 template <typename T, int D_PAD>
-Plan plan_for(const AttentionArgs& a, bool with_out, int num_sms) {
+Plan plan_for(const Shape& s, bool with_out, int num_sms) {
   using C = Cfg<T, D_PAD>;
-  return make_plan(C::kWarps, C::kKeyTile, a.B, a.Hq, a.Hkv, a.Tq, a.N, a.D, a.S, with_out, num_sms);
+  return make_plan(C::kWarps, C::kKeyTile, s, with_out, num_sms);
 }
 
 template <typename T, int D_PAD, int MODE>
-void launch_pass(const Params& params, int chunks, int rowblocks, int64_t rows, Stream stream, const char* name) {
+void launch_pass(const Params& params, int chunks, int unit_rows, int64_t grid_z, Stream stream, const char* name) {
   using C = Cfg<T, D_PAD>;
-  launch(name, attention_kernel<T, D_PAD, MODE>, dim3(chunks, rowblocks, static_cast<unsigned>(rows)), C::kThreads,
+  launch(name, attention_kernel<T, D_PAD, MODE>, dim3(chunks, unit_rows, static_cast<unsigned>(grid_z)), C::kThreads,
          C::smem_bytes(static_cast<Mode>(MODE)), stream, params);
 }
 
+// attention_scores / lookahead_attention (paged == null), or their paged forms.
 template <typename T, int D_PAD>
-void run(const AttentionArgs& a, char* workspace, int num_sms, Stream stream) {
+void run(const AttentionArgs& a, const PagedAttentionArgs* paged, const Shape& shape, char* workspace, int num_sms,
+         Stream stream) {
   const bool with_out = a.out != nullptr;
-  const Plan plan = plan_for<T, D_PAD>(a, with_out, num_sms);
+  const Plan plan = plan_for<T, D_PAD>(shape, with_out, num_sms);
   Params p;
   p.q = a.q;
   p.q_sb = a.q_sb;
@@ -595,10 +835,18 @@ void run(const AttentionArgs& a, char* workspace, int num_sms, Stream stream) {
   p.k_sb = a.k_sb;
   p.k_sh = a.k_sh;
   p.k_sn = a.k_sn;
+  p.k_sblk = a.k_sblk;
   p.v = a.v;
   p.v_sb = a.v_sb;
   p.v_sh = a.v_sh;
   p.v_sn = a.v_sn;
+  p.v_sblk = a.v_sblk;
+  p.blocks = a.k_blocks;
+  p.blocks_stride = a.blocks_stride;
+  p.block_size = static_cast<int>(a.block_size);
+  p.seqs = paged ? reinterpret_cast<const SeqDesc*>(workspace + plan.seqs_offset) : nullptr;
+  p.units = paged ? reinterpret_cast<const UnitRef*>(workspace + plan.units_offset) : nullptr;
+  p.offsets_bad = paged ? reinterpret_cast<const int*>(workspace + plan.flag_offset) : nullptr;
   p.B = static_cast<int>(a.B);
   p.Hq = static_cast<int>(a.Hq);
   p.Hkv = static_cast<int>(a.Hkv);
@@ -607,123 +855,177 @@ void run(const AttentionArgs& a, char* workspace, int num_sms, Stream stream) {
   p.N = static_cast<int>(a.N);
   p.D = static_cast<int>(a.D);
   p.S = static_cast<int>(a.S);
+  p.segment_rows = plan.segment_rows;
   p.scale_log2 = static_cast<float>(static_cast<double>(a.scale) * 1.4426950408889634);
-  p.mtiles_per_head = plan.mtiles_per_head;
-  p.heads_per_block = plan.heads_per_block;
-  p.nseg = plan.nseg;
+  p.stats_chunk_keys = plan.stats_chunk_keys;
   p.stats_chunks = plan.stats_chunks;
   p.query_max = a.query_reduce == Reduce::kMax;
+  // Rows: dense [B][H][rows][D]; paged q [total_q][Hq][D] (q_sb = 0) and caches [blocks][...][D].
+  const int64_t q_rows = paged ? paged->total_q : a.Tq;
+  const int64_t kv_rows = paged ? a.block_size : a.N, kv_blocks = paged ? paged->num_blocks : 1;
   const bool dim_vec = (a.D * sizeof(T)) % 16 == 0;
-  p.q_vec = dim_vec && rows_aligned16(a.q, sizeof(T), {{a.B, a.q_sb}, {a.Hq, a.q_sh}, {a.Tq, a.q_st}});
-  p.k_vec = dim_vec && rows_aligned16(a.k, sizeof(T), {{a.B, a.k_sb}, {a.Hkv, a.k_sh}, {a.N, a.k_sn}});
-  p.v_vec = with_out && dim_vec && rows_aligned16(a.v, sizeof(T), {{a.B, a.v_sb}, {a.Hkv, a.v_sh}, {a.N, a.v_sn}});
+  p.q_vec = dim_vec && rows_aligned16(a.q, sizeof(T), {{a.B, a.q_sb}, {a.Hq, a.q_sh}, {q_rows, a.q_st}});
+  p.k_vec = dim_vec &&
+            rows_aligned16(a.k, sizeof(T), {{a.B, a.k_sb}, {a.Hkv, a.k_sh}, {kv_rows, a.k_sn}, {kv_blocks, a.k_sblk}});
+  p.v_vec = with_out && dim_vec &&
+            rows_aligned16(a.v, sizeof(T), {{a.B, a.v_sb}, {a.Hkv, a.v_sh}, {kv_rows, a.v_sn}, {kv_blocks, a.v_sblk}});
   p.ws_stats = reinterpret_cast<float*>(workspace + plan.stats_offset);
   p.ws_col = reinterpret_cast<float*>(workspace + plan.col_offset);
+  p.col_stride = shape.scored;
   p.ws_out = reinterpret_cast<float*>(workspace + plan.out_offset);
-  const int64_t rows = a.B * a.Hkv;
+  p.out_sb = a.out_sb;
+  p.out_sh = a.out_sh;
+  p.out_st = a.out_st;
+  p.out_elems = shape.query_rows * a.Hq * a.D;
+  if (paged) {
+    int* flag = reinterpret_cast<int*>(workspace + plan.flag_offset);
+    const PagedIndex ix{paged->seq_lens,
+                        paged->num_scored,
+                        paged->q_offsets,
+                        a.k_blocks,
+                        paged->max_blocks,
+                        paged->num_blocks,
+                        static_cast<int>(a.block_size),
+                        static_cast<int>(a.N),
+                        static_cast<int>(paged->total_q),
+                        static_cast<int>(a.B),
+                        p.G,
+                        Cfg<T, D_PAD>::kWarps,
+                        reinterpret_cast<UnitRef*>(workspace + plan.units_offset),
+                        plan.unit_rows};
+    memset_async(flag, 0, sizeof(int), stream);
+    launch("paged_sequences_kernel", paged_sequences_kernel, static_cast<unsigned>(a.B), kCheckThreads, 0, stream, ix,
+           reinterpret_cast<SeqDesc*>(workspace + plan.seqs_offset), flag);
+  }
 
   p.chunk_keys = plan.stats_chunk_keys;
-  p.key_end = p.N;
-  launch_pass<T, D_PAD, kStats>(p, plan.stats_chunks, plan.rowblocks, rows, stream, "attention_kernel<stats>");
+  launch_pass<T, D_PAD, kStats>(p, plan.stats_chunks, plan.unit_rows, plan.grid_z, stream, "attention_kernel<stats>");
 
   p.chunk_keys = plan.main_chunk_keys;
-  p.key_end = with_out ? p.N : p.S;
   if (with_out) {
-    launch_pass<T, D_PAD, kScoresOut>(p, plan.main_chunks, plan.rowblocks, rows, stream,
+    launch_pass<T, D_PAD, kScoresOut>(p, plan.main_chunks, plan.unit_rows, plan.grid_z, stream,
                                       "attention_kernel<scores+out>");
   } else {
-    launch_pass<T, D_PAD, kScores>(p, plan.main_chunks, plan.rowblocks, rows, stream, "attention_kernel<scores>");
+    launch_pass<T, D_PAD, kScores>(p, plan.main_chunks, plan.unit_rows, plan.grid_z, stream,
+                                   "attention_kernel<scores>");
   }
 
   const int halo = static_cast<int>(a.pool_kernel / 2);
+  const FinalizeArgs f{1.f / p.G,
+                       a.gqa_reduce == Reduce::kMax,
+                       static_cast<int>(a.pool_kernel),
+                       1.f / static_cast<float>(a.pool_kernel),
+                       a.pool_type == PoolType::kAvg,
+                       a.scores,
+                       a.scores_row};
   launch("scores_finalize_kernel", scores_finalize_kernel,
-         dim3(static_cast<unsigned>(ceil_div(a.S, kFinalTile)), static_cast<unsigned>(rows)), kFinalTile,
-         (kFinalTile + 2 * halo) * sizeof(float), stream, p.ws_col, p.Hq, p.Hkv, p.G, p.nseg, p.S,
-         a.query_reduce == Reduce::kMax, 1.f / p.Tq, 1.f / p.G, a.gqa_reduce == Reduce::kMax,
-         static_cast<int>(a.pool_kernel), 1.f / static_cast<float>(a.pool_kernel), a.pool_type == PoolType::kAvg,
-         a.scores);
+         dim3(static_cast<unsigned>(ceil_div(a.scores_row, kFinalTile)), static_cast<unsigned>(a.B * a.Hkv)),
+         kFinalTile, (kFinalTile + 2 * halo) * sizeof(float), stream, p, f);
 
   if (with_out) {
-    const int64_t total = a.B * a.Hq * a.Tq * a.D;
+    const int64_t total = p.out_elems;
     const unsigned blocks =
         static_cast<unsigned>(std::min<int64_t>(ceil_div(total, 256), 8 * static_cast<int64_t>(num_sms)));
     launch("out_combine_kernel", out_combine_kernel<T>, blocks, 256, 0, stream, p.ws_out, plan.main_chunks, total,
-           static_cast<T*>(a.out));
+           p.offsets_bad, static_cast<T*>(a.out));
   }
 }
 
 template <typename T>
-void run_dtype(const AttentionArgs& a, char* ws, int num_sms, Stream stream) {
-  if (a.D <= 64) return run<T, 64>(a, ws, num_sms, stream);
-  if (a.D <= 128) return run<T, 128>(a, ws, num_sms, stream);
-  return run<T, 256>(a, ws, num_sms, stream);
+void run_dtype(const AttentionArgs& a, const PagedAttentionArgs* paged, const Shape& s, char* ws, int num_sms,
+               Stream stream) {
+  if (a.D <= 64) return run<T, 64>(a, paged, s, ws, num_sms, stream);
+  if (a.D <= 128) return run<T, 128>(a, paged, s, ws, num_sms, stream);
+  return run<T, 256>(a, paged, s, ws, num_sms, stream);
+}
+
+void run_any(const AttentionArgs& a, const PagedAttentionArgs* paged, const Shape& s, void* workspace, int num_sms,
+             Stream stream) {
+  check_arg(a.scores != nullptr && (a.out == nullptr) == (a.v == nullptr), "attention: out and v go together");
+  char* ws = static_cast<char*>(workspace);
+  switch (a.dtype) {
+    case DType::kFloat32:
+      return run_dtype<float>(a, paged, s, ws, num_sms, stream);
+    case DType::kFloat16:
+      return run_dtype<__half>(a, paged, s, ws, num_sms, stream);
+    case DType::kBFloat16:
+      return run_dtype<__nv_bfloat16>(a, paged, s, ws, num_sms, stream);
+  }
 }
 
 template <typename T>
-Plan plan_dtype(const AttentionArgs& a, bool with_out, int num_sms) {
-  if (a.D <= 64) return plan_for<T, 64>(a, with_out, num_sms);
-  if (a.D <= 128) return plan_for<T, 128>(a, with_out, num_sms);
-  return plan_for<T, 256>(a, with_out, num_sms);
+Plan plan_dtype(const Shape& s, bool with_out, int num_sms) {
+  if (s.D <= 64) return plan_for<T, 64>(s, with_out, num_sms);
+  if (s.D <= 128) return plan_for<T, 128>(s, with_out, num_sms);
+  return plan_for<T, 256>(s, with_out, num_sms);
 }
 
-void check_sizes(const AttentionArgs& a, int num_sms) {
-  check_arg(a.B >= 1 && a.Hq >= 1 && a.Hkv >= 1 && a.Tq >= 1 && a.N >= 1 && a.D >= 1 && num_sms >= 1,
-            "attention: sizes must be >= 1");
-  check_arg(a.Hq % a.Hkv == 0, "attention: Hq must be a multiple of Hkv");
-  check_arg(a.Tq <= a.N, "attention: Tq must be <= N");
-  check_arg(a.S >= 1 && a.S <= a.N, "attention: num_scored must be in [1, N]");
-  check_arg(a.D <= 256, "attention: head_dim must be <= 256");
-  check_arg(a.B * a.Hkv <= 65535 && a.Hq <= 65535, "attention: B*Hkv and Hq must be <= 65535");
-  check_arg(a.N < (int64_t{1} << 30), "attention: N must be < 2^30");
-  check_arg(a.pool_kernel >= 1 && a.pool_kernel % 2 == 1 && a.pool_kernel <= 4095,
+Plan plan_any(DType dtype, const Shape& s, bool with_out, int num_sms) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return plan_dtype<float>(s, with_out, num_sms);
+    case DType::kFloat16:
+      return plan_dtype<__half>(s, with_out, num_sms);
+    case DType::kBFloat16:
+      return plan_dtype<__nv_bfloat16>(s, with_out, num_sms);
+  }
+  throw std::invalid_argument("lookaheadkv native: unknown dtype");
+}
+
+void check_heads(int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int num_sms) {
+  check_arg(B >= 1 && Hq >= 1 && Hkv >= 1 && D >= 1 && num_sms >= 1, "attention: sizes must be >= 1");
+  check_arg(Hq % Hkv == 0, "attention: Hq must be a multiple of Hkv");
+  check_arg(D <= 256, "attention: head_dim must be <= 256");
+  check_arg(B * Hkv <= 65535 && Hq <= 65535, "attention: B*Hkv and Hq must be <= 65535");
+}
+
+void check_pool(int64_t pool_kernel) {
+  check_arg(pool_kernel >= 1 && pool_kernel % 2 == 1 && pool_kernel <= 4095,
             "attention: pool_kernel must be odd in [1, 4095]");
 }
 
-Plan plan_any(const AttentionArgs& a, bool with_out, int num_sms) {
-  switch (a.dtype) {
-    case DType::kFloat32:
-      return plan_dtype<float>(a, with_out, num_sms);
-    case DType::kFloat16:
-      return plan_dtype<__half>(a, with_out, num_sms);
-    case DType::kBFloat16:
-      return plan_dtype<__nv_bfloat16>(a, with_out, num_sms);
-  }
-  throw std::invalid_argument("lookaheadkv native: unknown dtype");
+Shape dense_shape(int64_t B, int64_t Hq, int64_t Hkv, int64_t Tq, int64_t N, int64_t D, int64_t S, int num_sms) {
+  check_heads(B, Hq, Hkv, D, num_sms);
+  check_arg(Tq >= 1 && N >= 1 && Tq <= N, "attention: need 1 <= Tq <= N");
+  check_arg(S >= 1 && S <= N, "attention: num_scored must be in [1, N]");
+  check_arg(N < (int64_t{1} << 30) && B * Tq < (int64_t{1} << 31), "attention: N must be < 2^30 and B*Tq < 2^31");
+  return {B, Hq, Hkv, D, Tq, N, S, B * Tq, false};
+}
+
+Shape paged_shape(int64_t B, int64_t Hq, int64_t Hkv, int64_t total_q, int64_t capacity, int64_t D, int num_sms) {
+  check_heads(B, Hq, Hkv, D, num_sms);
+  check_arg(total_q >= 1 && total_q < (int64_t{1} << 31), "paged attention: q's rows must be in [1, 2^31)");
+  check_arg(capacity >= 1 && capacity < (int64_t{1} << 30), "paged attention: capacity must be in [1, 2^30)");
+  return {B, Hq, Hkv, D, 0, capacity, capacity, total_q, true};
 }
 
 }  // namespace
 
 size_t attention_workspace_bytes(DType dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t Tq, int64_t N, int64_t D,
                                  int64_t S, bool with_out, int num_sms) {
-  AttentionArgs a{};
-  a.dtype = dtype;
-  a.B = B;
-  a.Hq = Hq;
-  a.Hkv = Hkv;
-  a.Tq = Tq;
-  a.N = N;
-  a.D = D;
-  a.S = S;
-  a.pool_kernel = 1;
-  check_sizes(a, num_sms);
-  return plan_any(a, with_out, num_sms).bytes;
+  return plan_any(dtype, dense_shape(B, Hq, Hkv, Tq, N, D, S, num_sms), with_out, num_sms).bytes;
 }
 
 void attention(const AttentionArgs& a, void* workspace, int num_sms, Stream stream) {
-  check_sizes(a, num_sms);
-  check_arg(a.scores != nullptr && (a.out == nullptr) == (a.v == nullptr), "attention: out and v go together");
-  char* ws = static_cast<char*>(workspace);
-  switch (a.dtype) {
-    case DType::kFloat32:
-      run_dtype<float>(a, ws, num_sms, stream);
-      break;
-    case DType::kFloat16:
-      run_dtype<__half>(a, ws, num_sms, stream);
-      break;
-    case DType::kBFloat16:
-      run_dtype<__nv_bfloat16>(a, ws, num_sms, stream);
-      break;
-  }
+  check_pool(a.pool_kernel);
+  const Shape s = dense_shape(a.B, a.Hq, a.Hkv, a.Tq, a.N, a.D, a.S, num_sms);
+  check_arg(a.k_blocks == nullptr && a.scores_row == a.S, "attention: dense K/V and scores");
+  run_any(a, nullptr, s, workspace, num_sms, stream);
+}
+
+size_t paged_attention_workspace_bytes(DType dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t total_q,
+                                       int64_t capacity, int64_t D, bool with_out, int num_sms) {
+  return plan_any(dtype, paged_shape(B, Hq, Hkv, total_q, capacity, D, num_sms), with_out, num_sms).bytes;
+}
+
+void paged_attention(const PagedAttentionArgs& pa, void* workspace, int num_sms, Stream stream) {
+  const AttentionArgs& a = pa.a;
+  check_pool(a.pool_kernel);
+  const Shape s = paged_shape(a.B, a.Hq, a.Hkv, pa.total_q, a.N, a.D, num_sms);
+  check_arg(a.k_blocks != nullptr && a.block_size >= 1 && pa.num_blocks >= 1 && a.N == pa.max_blocks * a.block_size &&
+                a.scores_row == a.N && a.q_sb == 0 && a.k_sb == 0 && a.v_sb == 0 && a.out_sb == 0,
+            "paged attention: inconsistent paged arguments");
+  run_any(a, &pa, s, workspace, num_sms, stream);
 }
 
 }  // namespace cuda

@@ -134,6 +134,24 @@ __device__ __forceinline__ uint32_t block_exclusive_scan(uint32_t v, uint32_t* s
   return result;
 }
 
+// ---- paged index guards -------------------------------------------------------------------------
+
+// Whether the first `count` ids of a block table row all lie in [0, num_blocks), in every thread of
+// the block (all must call; `flag` is a shared word). Index data is checked on the device: the host
+// never reads it.
+__device__ __forceinline__ bool block_ids_in_range(const int32_t* table, int count, int64_t num_blocks, int* flag) {
+  if (threadIdx.x == 0) *flag = 0;
+  __syncthreads();
+  for (int j = threadIdx.x; j < count; j += blockDim.x) {
+    const int32_t id = table[j];
+    if (id < 0 || id >= num_blocks) *flag = 1;
+  }
+  __syncthreads();
+  const bool in_range = *flag == 0;
+  __syncthreads();  // the flag may be reused
+  return in_range;
+}
+
 // ---- hardware: launches and PTX primitives ----------------------------------------------------
 // Everything that needs a GPU sits in this one section. python_tests/cuda_emulation/ compiles the
 // kernels for the host with LOOKAHEADKV_CUDA_EMULATION and supplies twins of these functions (same

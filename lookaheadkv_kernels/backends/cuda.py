@@ -15,8 +15,18 @@ from functools import cache
 import torch
 
 from ._native import native_available, native_module
+from .reference import paged_geometry
 
-__all__ = ["available", "lookahead_qproj", "attention_scores", "lookahead_attention", "select_compact"]
+__all__ = [
+    "available",
+    "lookahead_qproj",
+    "attention_scores",
+    "lookahead_attention",
+    "select_compact",
+    "paged_attention_scores",
+    "paged_lookahead_attention",
+    "paged_select_compact",
+]
 
 
 def available() -> tuple[bool, str | None]:
@@ -91,6 +101,58 @@ def run_select_compact(launch, scores, k, v, budget, num_sink):
     return k_out, v_out, kept
 
 
+def run_paged_attention(
+    launch,
+    q,
+    q_offsets,
+    k_cache,
+    v_cache,
+    block_table,
+    seq_lens,
+    num_scored,
+    scale,
+    gqa_reduce,
+    pool_kernel,
+    pool_type,
+    query_reduce,
+    layout,
+):
+    """(out, scores) of paged_lookahead_attention; out is None when v_cache is None (paged_attention_scores).
+    The index tensors stay on the device: the kernels check them there."""
+    with_out = v_cache is not None
+    block_size, Hkv, _ = paged_geometry(k_cache, layout)
+    scores = launch.empty((block_table.shape[0], Hkv, block_table.shape[1] * block_size), torch.float32, q.device)
+    need = launch.module.paged_attention_workspace_bytes(q, k_cache, block_table, layout, with_out, launch.num_sms)
+    workspace = launch.empty((need,), torch.uint8, q.device)
+    args = (block_table, seq_lens, num_scored, scale, gqa_reduce, pool_kernel, pool_type, query_reduce, layout)
+    if not with_out:
+        launch.module.paged_attention_scores(
+            q, q_offsets, k_cache, *args, scores, workspace, launch.num_sms, launch.stream
+        )
+        return None, scores
+    out = launch.empty(q.shape, q.dtype, q.device)
+    launch.module.paged_lookahead_attention(
+        q, q_offsets, k_cache, v_cache, *args, out, scores, workspace, launch.num_sms, launch.stream
+    )
+    return out, scores
+
+
+def run_paged_select_compact(
+    launch, scores, k_cache, v_cache, block_table, seq_lens, num_scored, budgets, num_sink, layout
+):
+    B, Hkv = scores.shape[:2]
+    capacity = block_table.shape[1] * paged_geometry(k_cache, layout)[0]
+    new_lens = launch.empty((B,), torch.int32, scores.device)
+    kept = launch.empty((B, Hkv, capacity), torch.int32, scores.device)
+    need = launch.module.paged_select_workspace_bytes(B, Hkv, capacity)
+    workspace = launch.empty((need,), torch.uint8, scores.device)
+    launch.module.paged_select_compact(
+        scores, k_cache, v_cache, block_table, seq_lens, num_scored, budgets, num_sink, layout, new_lens, kept,
+        workspace, launch.stream,
+    )  # fmt: skip
+    return new_lens, kept
+
+
 # ---- the backend interface: run on the inputs' device and its current stream --------------------
 
 
@@ -118,3 +180,54 @@ def lookahead_attention(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, poo
 def select_compact(scores, k, v, budget, num_sink):
     with torch.cuda.device(k.device):
         return run_select_compact(_launch_on(k.device), scores, k, v, budget, num_sink)
+
+
+def paged_attention_scores(
+    q,
+    q_offsets,
+    k_cache,
+    block_table,
+    seq_lens,
+    num_scored,
+    scale,
+    gqa_reduce,
+    pool_kernel,
+    pool_type,
+    query_reduce,
+    layout,
+):
+    with torch.cuda.device(q.device):
+        return run_paged_attention(
+            _launch_on(q.device), q, q_offsets, k_cache, None, block_table, seq_lens, num_scored, scale, gqa_reduce,
+            pool_kernel, pool_type, query_reduce, layout,
+        )[1]  # fmt: skip
+
+
+def paged_lookahead_attention(
+    q,
+    q_offsets,
+    k_cache,
+    v_cache,
+    block_table,
+    seq_lens,
+    num_scored,
+    scale,
+    gqa_reduce,
+    pool_kernel,
+    pool_type,
+    query_reduce,
+    layout,
+):
+    with torch.cuda.device(q.device):
+        return run_paged_attention(
+            _launch_on(q.device), q, q_offsets, k_cache, v_cache, block_table, seq_lens, num_scored, scale,
+            gqa_reduce, pool_kernel, pool_type, query_reduce, layout,
+        )  # fmt: skip
+
+
+def paged_select_compact(scores, k_cache, v_cache, block_table, seq_lens, num_scored, budgets, num_sink, layout):
+    with torch.cuda.device(scores.device):
+        return run_paged_select_compact(
+            _launch_on(scores.device), scores, k_cache, v_cache, block_table, seq_lens, num_scored, budgets, num_sink,
+            layout,
+        )  # fmt: skip
