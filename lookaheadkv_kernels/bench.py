@@ -75,14 +75,20 @@ def composite_select(scores, k, v, budget, num_sink):
     return k.gather(2, index), v.gather(2, index), keep
 
 
-def composite_paged_attention(q, q_offsets, k_cache, block_table, seq_lens, num_scored, pool_kernel):
-    """What an engine runs without paged ops: each sequence gathered dense, then the dense op."""
-    scores = []
+def composite_paged_attention(q, q_offsets, k_cache, v_cache, block_table, seq_lens, num_scored, pool_kernel):
+    """What an engine runs without paged ops: each sequence gathered dense, then the dense op
+    (lookahead_attention when v_cache is given, else attention_scores)."""
+    results = []
     for b in range(block_table.shape[0]):
-        k = gather_sequence(k_cache, block_table[b], int(seq_lens[b]), "NHD").contiguous()[None]
+        n, s = int(seq_lens[b]), int(num_scored[b])
+        k = gather_sequence(k_cache, block_table[b], n, "NHD").contiguous()[None]
         qb = q[int(q_offsets[b]) : int(q_offsets[b + 1])].transpose(0, 1)[None]
-        scores.append(ops.attention_scores(qb, k, num_scored=int(num_scored[b]), pool_kernel=pool_kernel))
-    return scores
+        if v_cache is None:
+            results.append(ops.attention_scores(qb, k, num_scored=s, pool_kernel=pool_kernel))
+        else:
+            v = gather_sequence(v_cache, block_table[b], n, "NHD").contiguous()[None]
+            results.append(ops.lookahead_attention(qb, k, v, num_scored=s, pool_kernel=pool_kernel))
+    return results
 
 
 def composite_paged_select(scores, k_cache, v_cache, block_table, seq_lens, num_scored, budgets, num_sink):
@@ -266,11 +272,23 @@ def build_paged_cases(args, device, backends, shape_name, dtype_name, gen):
     )
     total = int(seq_lens.sum())
     lens_label = f"{args.paged_sequences}x{PAGED_LENGTHS[0]}-{PAGED_LENGTHS[1]}"
-    if "paged_attention_scores" in args.ops:
+    for op in ("paged_attention_scores", "paged_lookahead_attention"):
+        if op not in args.ops:
+            continue
+        values = v_cache if op == "paged_lookahead_attention" else None
+        paged_op, dense_op = getattr(ops, op), getattr(ops, op.removeprefix("paged_"))
+        cache_args = (k_cache,) if values is None else (k_cache, values)
         runners = {
             b: (
-                lambda b=b: ops.paged_attention_scores(
-                    q, q_offsets, k_cache, table, seq_lens, num_scored=num_scored, pool_kernel=POOL_KERNEL, backend=b
+                lambda b=b: paged_op(
+                    q,
+                    q_offsets,
+                    *cache_args,
+                    table,
+                    seq_lens,
+                    num_scored=num_scored,
+                    pool_kernel=POOL_KERNEL,
+                    backend=b,
                 )
             )
             for b in backends
@@ -278,26 +296,27 @@ def build_paged_cases(args, device, backends, shape_name, dtype_name, gen):
         dense = [
             (
                 q[int(q_offsets[b]) : int(q_offsets[b + 1])].transpose(0, 1)[None],
-                gather_sequence(k_cache, table[b], int(seq_lens[b]), "NHD").contiguous()[None],
-                int(num_scored[b]),
+                *(gather_sequence(c, table[b], int(seq_lens[b]), "NHD").contiguous()[None] for c in cache_args),
             )
             for b in range(table.shape[0])
         ]
         for b in backends:
             runners[f"{b}-dense"] = lambda b=b: [
-                ops.attention_scores(qb, kb, num_scored=s, pool_kernel=POOL_KERNEL, backend=b) for qb, kb, s in dense
+                dense_op(*tensors, num_scored=int(num_scored[i]), pool_kernel=POOL_KERNEL, backend=b)
+                for i, tensors in enumerate(dense)
             ]
-        runners["composite"] = lambda: composite_paged_attention(
-            q, q_offsets, k_cache, table, seq_lens, num_scored, POOL_KERNEL
+        runners["composite"] = lambda values=values: composite_paged_attention(
+            q, q_offsets, k_cache, values, table, seq_lens, num_scored, POOL_KERNEL
         )
-        flops = 2 * Hq * NUM_QUERIES * total * D
-        yield Case("paged_attention_scores", shape_name, dtype_name, lens_label, None, total * Hkv * D * esize, flops,
-                   runners, cleanup=lambda: dense.clear())  # fmt: skip
+        reads = len(cache_args)
+        yield Case(op, shape_name, dtype_name, lens_label, None, reads * total * Hkv * D * esize,
+                   reads * 2 * Hq * NUM_QUERIES * total * D, runners, cleanup=dense.clear)  # fmt: skip
     if "paged_select_compact" in args.ops:
         budget = args.budgets[0]
         scores = torch.randn(table.shape[0], Hkv, table.shape[1] * PAGED_BLOCK_SIZE, generator=gen).to(device)
         budgets = torch.full_like(seq_lens, budget)
-        # Compaction rewrites the caches: every run starts from a copy restored outside the timing.
+        # Compaction rewrites the caches in place: each run compacts what the last one left, the
+        # same work (the same budgets over the same lengths).
         runners = {
             b: (
                 lambda b=b: ops.paged_select_compact(
