@@ -80,7 +80,19 @@ def saved_checkpoint(directory: Path) -> Path:
     return directory
 
 
-def test_load_model_is_quiet_unless_verbose(tmp_path, capfd):
+@pytest.fixture
+def progress_bars_on():
+    """transformers' progress bars on (as in a fresh process; the commands turn them off), then as they were."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()
+    yield
+    if not was_on:
+        hf_logging.disable_progress_bar()
+
+
+def test_load_model_is_quiet_unless_verbose(tmp_path, capfd, progress_bars_on):
     from transformers.utils import logging as hf_logging
 
     checkpoint = saved_checkpoint(tmp_path)
