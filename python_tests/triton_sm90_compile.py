@@ -159,6 +159,24 @@ def drive_all(all_shapes: bool):
         for query_reduce in ("mean", "max"):
             backend.attention_scores(q_long, k_long, 256, 0.1, "max", 7, "max", query_reduce)
             backend.lookahead_attention(q_long, k_long, k_long, 256, 0.1, "mean", 1, "max", query_reduce)
+        # Paged ops, both block layouts: 4 sequences of 32 lookahead queries (Llama shapes, block size 16),
+        # and a group of 8 heads (several head blocks).
+        for layout in ("NHD", "HND"):
+            for Hq, Hkv, D in ((32, 8, 128), (16, 2, 128)):
+                B, block_size, max_blocks = 4, 16, 64
+                num_blocks = B * max_blocks
+                shape = (num_blocks, block_size, Hkv, D) if layout == "NHD" else (num_blocks, Hkv, block_size, D)
+                cache = torch.randn(shape, generator=g).to(dtype)
+                table = torch.arange(num_blocks, dtype=torch.int32).view(B, max_blocks)
+                lens = torch.full((B,), max_blocks * block_size, dtype=torch.int32)
+                q_paged = torch.randn(B * 32, Hq, D, generator=g).to(dtype)
+                offsets = torch.arange(0, B * 32 + 1, 32, dtype=torch.int32)
+                for reduce, pool, query_reduce in (("mean", 7, "max"), ("max", 1, "mean")):
+                    args = (lens, lens, D**-0.5, reduce, pool, "max", query_reduce, layout)
+                    backend.paged_attention_scores(q_paged, offsets, cache, table, *args)
+                    backend.paged_lookahead_attention(q_paged, offsets, cache, cache, table, *args)
+                scores = torch.rand(B, Hkv, max_blocks * block_size, generator=g)
+                backend.paged_select_compact(scores, cache, cache, table, lens, lens, lens // 4, 4, layout)
 
 
 def main():

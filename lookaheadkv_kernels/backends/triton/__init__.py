@@ -1,4 +1,4 @@
-"""Triton backend: the four ops as Triton kernels (one module per op kernel), tuned for sm_90.
+"""Triton backend: the ops as Triton kernels (one module per op kernel), tuned for sm_90.
 
 CUDA tensors run compiled kernels; CPU tensors run only under TRITON_INTERPRET=1 (Triton's
 interpreter, for testing without a GPU), which must be set before this package is imported.
@@ -65,3 +65,71 @@ def lookahead_attention(q, k, v, num_scored, scale, gqa_reduce, pool_kernel, poo
 
 def select_compact(scores, k, v, budget, num_sink):
     return _select_kernels.select_compact(scores, k, v, budget, num_sink)
+
+
+def paged_attention_scores(
+    q,
+    q_offsets,
+    k_cache,
+    block_table,
+    seq_lens,
+    num_scored,
+    scale,
+    gqa_reduce,
+    pool_kernel,
+    pool_type,
+    query_reduce,
+    layout,
+):
+    return _attention_kernels.paged_attention_scores(
+        q,
+        q_offsets,
+        k_cache,
+        block_table,
+        seq_lens,
+        num_scored,
+        scale,
+        gqa_reduce,
+        pool_kernel,
+        pool_type,
+        query_reduce,
+        layout,
+    )
+
+
+def paged_lookahead_attention(
+    q,
+    q_offsets,
+    k_cache,
+    v_cache,
+    block_table,
+    seq_lens,
+    num_scored,
+    scale,
+    gqa_reduce,
+    pool_kernel,
+    pool_type,
+    query_reduce,
+    layout,
+):
+    return _attention_kernels.paged_lookahead_attention(
+        q,
+        q_offsets,
+        k_cache,
+        v_cache,
+        block_table,
+        seq_lens,
+        num_scored,
+        scale,
+        gqa_reduce,
+        pool_kernel,
+        pool_type,
+        query_reduce,
+        layout,
+    )
+
+
+def paged_select_compact(scores, k_cache, v_cache, block_table, seq_lens, num_scored, budgets, num_sink, layout):
+    return _select_kernels.paged_select_compact(
+        scores, k_cache, v_cache, block_table, seq_lens, num_scored, budgets, num_sink, layout
+    )
