@@ -6,6 +6,10 @@ length (so `generate` and the models derive cache_position / position ids N, N+1
 `get_mask_sizes()` reports the stored length plus the new queries, offset by the evicted count, so
 the masks HF builds have one column per stored key. Layers may be evicted to different lengths
 (PyramidKV); `ragged_masks` then fits each layer's 4-D mask to its own key count.
+
+Batched decoding (`stack_caches`, `padded_masks`): the compacted caches of several prompts, one
+batch row each, right-aligned per layer and left-padded to the longest row, the padding hidden from
+every query by the mask.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from .. import select_compact
@@ -124,6 +129,55 @@ def ragged_masks(model):
         return args, kwargs
 
     handles = [layer.self_attn.register_forward_pre_hook(fit, with_kwargs=True) for layer in model.model.layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def stack_caches(caches: list[CompactedCache]) -> tuple[CompactedCache, list[torch.Tensor]]:
+    """One cache for a batch of single-row caches, and per layer the padded entries [B] of each row.
+
+    Layer l of row b holds row b's stored entries at the right end, after `pads[l][b]` zero entries.
+    The positions are not stored (a key's position is in its rotation), so the rows' true lengths
+    may differ: decoding passes each row's position ids. The stacked layers count no evicted
+    positions; their length is the stored width.
+    """
+    stacked, pads = CompactedCache(), []
+    for layers in zip(*(cache.layers for cache in caches)):
+        width = max(layer.stored_length() for layer in layers)
+        pads.append(torch.tensor([width - layer.stored_length() for layer in layers], device=layers[0].keys.device))
+
+        def padded(t):
+            return F.pad(t, (0, 0, width - t.shape[2], 0))
+
+        layer = CompactedLayer()
+        layer.replace(torch.cat([padded(x.keys) for x in layers]), torch.cat([padded(x.values) for x in layers]), width)
+        stacked.layers.append(layer)
+    return stacked, pads
+
+
+@contextmanager
+def padded_masks(model, cache: CompactedCache, pads: list[torch.Tensor]):
+    """While active, attention layer l hides the first `pads[l][b]` keys of `cache` from row b's query.
+
+    For decoding one token per row on a `stack_caches` cache: each layer gets its own additive mask
+    [B, 1, 1, keys] (so ragged layers need no other fitting), zero where a row may look.
+    """
+
+    def hide(module, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if hidden.shape[1] != 1:
+            raise ValueError(f"padded_masks decodes one token per row, got {hidden.shape[1]}")
+        pad = pads[module.layer_idx]
+        keys = cache.layers[module.layer_idx].stored_length() + 1  # with the key this step adds
+        hidden_keys = torch.arange(keys, device=pad.device)[None, :] < pad[:, None]
+        mask = torch.zeros(len(pad), 1, 1, keys, dtype=hidden.dtype, device=hidden.device)
+        kwargs["attention_mask"] = mask.masked_fill(hidden_keys[:, None, None, :], torch.finfo(hidden.dtype).min)
+        return args, kwargs
+
+    handles = [layer.self_attn.register_forward_pre_hook(hide, with_kwargs=True) for layer in model.model.layers]
     try:
         yield
     finally:

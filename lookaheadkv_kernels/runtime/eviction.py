@@ -4,7 +4,13 @@ exist, then decode with ordinary `generate` on the compacted cache at the true p
 Lower level, for runtimes that drive their own decoding: `prefill_and_evict` (prefill and evict in
 one pass) and `evict_cache` (evict a cache the runtime prefilled); both return the compacted cache
 (a `CompactedCache`, whose `get_seq_length()` is the true position of the next token) and the
-next-token logits of the prompt. Higher level (`generate`): one call from a prompt to the answer.
+next-token logits of the prompt. Higher level (`generate`): one call from a prompt, or a list of
+prompts, to the answers.
+
+A batch is evicted per prompt (each prompt prefilled and evicted alone, exactly as on its own), then
+decoded together: the compacted caches are stacked into one batch cache, each row left-padded to the
+longest per layer with the padding masked (`stack_caches`, `padded_masks`), and every row decodes at
+its own true positions. So prompts of any lengths batch, and each gets the tokens it gets alone.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from numbers import Integral, Real
 import torch
 
 from ..ops.validation import check_int
-from .cache import CompactedCache, CompactedLayer, compact_layer, ragged_masks
+from .cache import CompactedCache, CompactedLayer, compact_layer, padded_masks, ragged_masks, stack_caches
 from .models import layer_parts, sliding_window
 from .policies import Policy, Run, make_policy
 from .tap import LayerInputs, tap_layers
@@ -256,6 +262,54 @@ def encode_prompt(tokenizer, prompt, chat: bool | None, device) -> torch.Tensor:
     return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
 
 
+def prompt_list(prompt) -> tuple[list, bool]:
+    """(the prompts, whether `prompt` is a batch). A list or tuple of prompts is a batch, and so are
+    token ids [B > 1, N] (one prompt per row); a list of chat messages (dicts) is one prompt."""
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dim() == 2 and prompt.shape[0] > 1:
+            return list(prompt.split(1)), True
+        return [prompt], False
+    if isinstance(prompt, (list, tuple)):
+        if not prompt:
+            raise ValueError("prompt is an empty list: give a prompt, a list of chat messages or a list of prompts")
+        if not isinstance(prompt[0], dict):
+            return list(prompt), True
+    return [prompt], False
+
+
+@torch.no_grad()
+def decode_greedy(model, evictions: list[Eviction], max_new_tokens: int) -> list[list[int]]:
+    """Greedy tokens of each evicted prompt (up to max_new_tokens, EOS included), all rows decoded together.
+
+    The first token comes from each prompt's full prefill, as in full-cache decoding; each row then
+    decodes at its true positions N, N+1, ... on its compacted cache. A row that has ended keeps
+    running with the batch, its tokens discarded.
+    """
+    eos = eos_ids(model)
+    step_ids = torch.cat([e.next_logits.argmax(-1, keepdim=True) for e in evictions])  # [B, 1]
+    tokens = [[token] for token in step_ids[:, 0].tolist()]
+    ended = [row[0] in eos for row in tokens]
+    if max_new_tokens == 1 or all(ended):
+        return tokens
+    if len(evictions) == 1:
+        cache, masks = evictions[0].cache, ragged_masks(model)
+    else:
+        cache, pads = stack_caches([e.cache for e in evictions])
+        masks = padded_masks(model, cache, pads) if any(bool(p.any()) for p in pads) else ragged_masks(model)
+    positions = torch.tensor([[e.stats.num_prompt] for e in evictions], device=step_ids.device)
+    with masks:
+        for step in range(max_new_tokens - 1):
+            out = model(input_ids=step_ids, position_ids=positions + step, past_key_values=cache, use_cache=True)
+            step_ids = out.logits[:, -1].argmax(-1, keepdim=True)
+            for row, token in enumerate(step_ids[:, 0].tolist()):
+                if not ended[row]:
+                    tokens[row].append(token)
+                    ended[row] = token in eos
+            if all(ended):
+                break
+    return tokens
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -267,39 +321,39 @@ def generate(
     max_new_tokens: int = 64,
     chat: bool | None = None,
     **policy_options,
-) -> GenerationResult:
+) -> GenerationResult | list[GenerationResult]:
     """Greedy answer to `prompt` after evicting the prompt's KV cache with `policy` to `budget`.
 
     prompt: a string (chat-formatted when the tokenizer has a template, unless chat=False), a list
-    of chat messages, or token ids [1, N]. policy: a Policy or a name ("full": no eviction; options as keywords, e.g.
-    policy="snapkv", window=64). budget: tokens (int), a ratio of the prompt (float), or one int per
-    layer. With a budget >= the prompt length the tokens equal full-cache greedy `generate`'s.
+    of chat messages, or token ids [1, N]; or a batch: a list of such prompts (any lengths) or ids
+    [B, N], answered with a list of results in the same order, each prompt evicted on its own and
+    all decoded together (the module docstring). policy: a Policy or a name ("full": no eviction;
+    options as keywords, e.g. policy="snapkv", window=64). budget: tokens (int), a ratio of each
+    prompt (float), or one int per layer. Greedy is the argmax at every step (the model's generation
+    config's sampling and penalties do not apply). With a budget >= the prompt length the tokens
+    equal full-cache greedy decoding's.
     """
     check_int("max_new_tokens", max_new_tokens, 1)
     device = next(model.parameters()).device
-    input_ids = encode_prompt(tokenizer, prompt, chat, device)
-    if input_ids.shape[0] != 1:
-        raise ValueError(f"generate takes one prompt, got a batch of {input_ids.shape[0]}; use prefill_and_evict")
+    prompts, is_batch = prompt_list(prompt)
+    all_ids = [encode_prompt(tokenizer, p, chat, device) for p in prompts]
+    for ids in all_ids:
+        if ids.shape[0] != 1:
+            raise ValueError(f"a prompt of token ids in a list must have one row, got shape {tuple(ids.shape)}")
     if policy == _FullCache.name:
         if policy_options:
             raise ValueError(f'policy "full" takes no options, got {sorted(policy_options)}')
         policy, budget = _FullCache(), 1.0
-    eviction = prefill_and_evict(
-        model, input_ids, make_policy(policy, model=model, **policy_options), budget, max_new_tokens=max_new_tokens
-    )
-
-    first = eviction.next_logits.argmax(-1, keepdim=True)  # from the full prefill, as in full-cache decoding
-    tokens = [int(first)]
-    if max_new_tokens > 1 and tokens[0] not in eos_ids(model):
-        ids = torch.cat([input_ids, first], dim=1)
-        with ragged_masks(model):
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                past_key_values=eviction.cache,
-                max_new_tokens=max_new_tokens - 1,
-                do_sample=False,
-            )
-        tokens += out[0, ids.shape[1] :].tolist()
-    text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else None
-    return GenerationResult(text, tokens, input_ids, eviction.stats)
+    policy = make_policy(policy, model=model, **policy_options)
+    evictions = [prefill_and_evict(model, ids, policy, budget, max_new_tokens=max_new_tokens) for ids in all_ids]
+    answers = decode_greedy(model, evictions, max_new_tokens)
+    results = [
+        GenerationResult(
+            tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else None,
+            tokens,
+            ids,
+            eviction.stats,
+        )
+        for ids, tokens, eviction in zip(all_ids, answers, evictions)
+    ]
+    return results if is_batch else results[0]
