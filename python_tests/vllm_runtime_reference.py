@@ -1,7 +1,7 @@
 """The HF runtime's eviction of prompts, for the vLLM tests to compare against (run with a Python
 that has the runtime: transformers < 5.3, which vLLM's environment cannot have).
 
-    python vllm_runtime_reference.py < request.json > reference.json
+    python vllm_runtime_reference.py reference.json < request.json
 
 request: {"prompts": [[token ids], ...], "policies": [...], "budget": int, "max_new_tokens": int}.
 reference: per policy, per prompt: {"kept": per layer [Hkv][M] positions, "tokens": greedy answer}.
@@ -33,7 +33,8 @@ def main() -> None:
             tokens = decode_greedy(model, [eviction], request["max_new_tokens"])[0]
             runs.append({"kept": [kept[0].tolist() for kept in eviction.kept], "tokens": tokens})
         result[name] = runs
-    json.dump(result, sys.stdout)
+    with open(sys.argv[1], "w") as out:
+        json.dump(result, out)
 
 
 if __name__ == "__main__":

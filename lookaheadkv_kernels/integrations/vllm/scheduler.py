@@ -90,9 +90,13 @@ def install() -> None:
     @functools.wraps(init)
     def scheduler_init(self, vllm_config, kv_cache_config, *args, **kwargs):
         init(self, vllm_config, kv_cache_config, *args, **kwargs)
-        self.lookaheadkv = engine_settings(vllm_config) is not None
+        settings = engine_settings(vllm_config)
+        self.lookaheadkv = settings is not None
         if self.lookaheadkv:
             check_engine(vllm_config, kv_cache_config)
+            logger.info(
+                "lookaheadkv: KV eviction on (defaults: policy %s, budget %s)", settings.policy, settings.budget
+            )
             spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
             self.lookaheadkv_block_bytes = spec.page_size_bytes * len(kv_cache_config.kv_cache_groups[0].layer_names)
 
