@@ -16,16 +16,17 @@ import argparse
 import gzip
 import os
 import platform
-import subprocess
 import sys
 import time
 import warnings
-from datetime import datetime, timezone
 from importlib.resources import files
 
 import torch
+from provenance import provenance
 
 from lookaheadkv_kernels.runtime import generate, load_model, make_policy
+
+RESULTS = "bench/results/batched_generate_cpu.md"
 
 FACTS = [
     "The code of the vault is 4821.",
@@ -63,12 +64,11 @@ def best_of(repeats, run):
     return min(walls), min(evictions)
 
 
-def machine() -> str:
+def cpu_name() -> str:
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
-        cpu = platform.processor() or "unknown CPU"
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+        return platform.processor() or "unknown CPU"
 
 
 def main(argv=None) -> int:
@@ -101,13 +101,10 @@ def main(argv=None) -> int:
     batch_wall, batch_evict = best_of(args.repeats, lambda: generate(model, tokenizer, texts, **options))
     tokens = len(texts) * args.max_new_tokens
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print("# Batched generate vs one call per prompt, SmolLM2-135M-Instruct fp32, CPU\n")
-    print(f"- commit {commit or 'unknown'}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
-    print(f"- machine: {machine()}; load average at the end {os.getloadavg()[0]:.1f}")
-    print(f"- command: `python bench/batched_generate.py {' '.join(argv if argv is not None else sys.argv[1:])}`")
+    print(f"# Batched generate vs one call per prompt, SmolLM2-135M-Instruct fp32 on CPU ({args.threads} threads)\n")
+    print(provenance(RESULTS).rstrip("\n") + f"; {cpu_name()}; load average {os.getloadavg()[0]:.1f} at the end\n")
     print(
-        f"- {len(texts)} prompts of {min(lengths)}-{max(lengths)} tokens ({', '.join(map(str, lengths))}), "
+        f"{len(texts)} prompts of {min(lengths)}-{max(lengths)} tokens ({', '.join(map(str, lengths))}), "
         f"policy {args.policy}, budget {args.budget}, {args.max_new_tokens} new tokens each (EOS ignored), "
         f"best of {args.repeats}; the batch's tokens equal the single calls'\n"
     )
