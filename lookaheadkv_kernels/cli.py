@@ -25,6 +25,10 @@ COMMANDS = {
         "lookaheadkv_kernels.evaluation.bench_evict",
         "time to first token and eviction overhead per policy",
     ),
+    "bench-vllm": (
+        "lookaheadkv_kernels.integrations.vllm.bench",
+        "vLLM at a fixed KV cache: concurrency, throughput and TTFT with eviction against without",
+    ),
     "bench": ("lookaheadkv_kernels.bench", "benchmark every op backend against the eager PyTorch composite"),
     "train": (
         "lookaheadkv_kernels.training.cli",
