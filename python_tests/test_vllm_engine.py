@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("vllm")
 
@@ -33,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 RUNTIME_PYTHON = os.environ.get("LOOKAHEADKV_RUNTIME_PYTHON")
 BUDGET, BLOCK_SIZE = 128, 32
 POLICIES = ("lookaheadkv", "snapkv", "streamingllm")
-ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def smollm2_dir() -> Path | None:
@@ -48,8 +49,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+# A small cache, so that one test can make the engine preempt: 68 blocks of 32 tokens (and vLLM's null block).
+CACHE_BLOCKS = 68
+BLOCK_BYTES = BLOCK_SIZE * 30 * 2 * 3 * 64 * 4  # tokens x layers x (K, V) x KV heads x head dim x float32
+
+
 def engine_args(**changes) -> dict:
-    args = dict(model=str(MODEL), dtype="float32", max_model_len=4096, enforce_eager=True, block_size=BLOCK_SIZE)
+    args = dict(model=str(MODEL), dtype="float32", enforce_eager=True, block_size=BLOCK_SIZE)
+    args |= dict(max_model_len=CACHE_BLOCKS * BLOCK_SIZE, kv_cache_memory_bytes=(CACHE_BLOCKS + 1) * BLOCK_BYTES)
     args["additional_config"] = {"lookaheadkv": {"policy": "lookaheadkv", "budget": BUDGET, "record_kept": True}}
     return {**args, **changes}
 
@@ -60,9 +67,17 @@ def llm():
 
     saved = {k: os.environ.get(k) for k in (*ENV, "VLLM_ENABLE_V1_MULTIPROCESSING")}
     os.environ.update(ENV, VLLM_ENABLE_V1_MULTIPROCESSING="0")  # the engine core (scheduler) in this process
+    # vLLM binds the worker of an engine in this process to one core; more OpenMP threads would share it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     engine = LLM(**engine_args())
+    assert (
+        engine.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool.num_gpu_blocks
+        == CACHE_BLOCKS + 1
+    )
     yield engine
     engine.llm_engine.engine_core.shutdown()
+    torch.set_num_threads(threads)
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
@@ -89,8 +104,8 @@ def generate(llm, prompts, extra_args, max_tokens=16):
 
 
 def kept_positions(llm) -> list[list[list[list[int]]]]:
-    """Per evicted request (in eviction order), per layer [Hkv][M] kept positions, since the last call."""
-    return [[layer.tolist() for layer in layers] for layers in llm.collective_rpc(take_kept_positions)[0].values()]
+    """Per eviction since the last call, in order, per layer [Hkv][M] kept positions."""
+    return [[layer.tolist() for layer in layers] for _, layers in llm.collective_rpc(take_kept_positions)[0]]
 
 
 def run_json(command: list[str], request: dict, env: dict | None = None, timeout: int = 900) -> dict:
@@ -170,6 +185,39 @@ def test_freed_blocks_follow_the_kept_length_and_all_return(llm, prompts):
     kept_positions(llm)
 
 
+def test_a_preempted_request_recomputes_evicts_again_and_answers_as_alone(llm, prompts):
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    pool = scheduler.kv_cache_manager.block_pool
+    start = pool.get_num_free_blocks()
+    tokenizer = llm.get_tokenizer()
+    question = [{"role": "user", "content": "Paris is in France. Rome is in Italy. " * 6 + "Where is Rome?"}]
+    text = tokenizer.apply_chat_template(question, tokenize=False, add_generation_prompt=True)
+    small = tokenizer(text, add_special_tokens=False).input_ids
+    hog = prompts[0]  # 63 blocks; growing, it needs the blocks the small request holds
+    evicting = {"lookaheadkv_policy": "snapkv", "lookaheadkv_budget": 40}
+    small_params = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True, extra_args=evicting)
+    alone = list(llm.generate([{"prompt_token_ids": small}], small_params, use_tqdm=False)[0].outputs[0].token_ids)
+    (kept_alone,) = kept_positions(llm)
+    hog_params = SamplingParams(max_tokens=150, ignore_eos=True, extra_args={"lookaheadkv_policy": "full"})
+    engine.add_request("hog", {"prompt_token_ids": hog}, hog_params)
+    small_id = engine.add_request("small", {"prompt_token_ids": small}, small_params)
+    preemptions, answer = 0, None
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished and output.request_id == "small":
+                answer = list(output.outputs[0].token_ids)
+        request = scheduler.requests.get(small_id)
+        preemptions = max(preemptions, request.num_preemptions if request else 0)
+    assert preemptions >= 1  # admitted after the hog, it was the one preempted
+    assert answer == alone
+    evictions = kept_positions(llm)
+    assert len(evictions) == 2 and evictions[0] == evictions[1] == kept_alone  # evicted again, the same way
+    assert pool.get_num_free_blocks() == start
+
+
 def test_concurrent_mixed_requests_each_get_their_own_tokens(llm, prompts):
     mixed = [
         (prompts[1], {"lookaheadkv_policy": "lookaheadkv", "lookaheadkv_budget": 64}),
@@ -235,7 +283,7 @@ def post(url: str, body: dict) -> tuple[int, dict]:
 
 
 def test_openai_server_evicts_answers_and_rejects_bad_requests_with_400(tmp_path):
-    port = free_port()
+    port, args = free_port(), engine_args()
     config = json.dumps({"lookaheadkv": {"policy": "lookaheadkv", "budget": 64}})
     log = (tmp_path / "server.log").open("w")
     server = subprocess.Popen(
@@ -243,8 +291,14 @@ def test_openai_server_evicts_answers_and_rejects_bad_requests_with_400(tmp_path
             # `vllm serve`'s own server: the `vllm` command of vllm-cpu 0.32.0 fails to start (it looks
             # up its version under the distribution name "vllm").
             *(sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL)),
-            *("--port", str(port), "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager"),
-            *("--block-size", str(BLOCK_SIZE), "--additional-config", config),
+            *("--port", str(port), "--dtype", "float32", "--enforce-eager", "--block-size", str(BLOCK_SIZE)),
+            *(
+                "--max-model-len",
+                str(args["max_model_len"]),
+                "--kv-cache-memory-bytes",
+                str(args["kv_cache_memory_bytes"]),
+            ),
+            *("--additional-config", config),
         ],
         stdout=log,
         stderr=subprocess.STDOUT,

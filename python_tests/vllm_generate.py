@@ -31,9 +31,8 @@ def main() -> None:
     if request["engine"].get("additional_config", {}).get("lookaheadkv", {}).get("record_kept"):
         ranks = llm.collective_rpc(take_kept_positions)
         for index, output in enumerate(outputs):
-            # The engine's request ids are the API's plus "-" and a random suffix.
-            ids = {output.request_id, *(r for rank in ranks for r in rank if r.rsplit("-", 1)[0] == output.request_id)}
-            per_rank = [rank[r] for rank in ranks for r in rank if r in ids]
+            # The engine's request ids are the API's plus "-" and a random suffix; one eviction each here.
+            per_rank = [layers for rank in ranks for r, layers in rank if r.rsplit("-", 1)[0] == output.request_id]
             if per_rank:
                 kept[index] = [sum((layers[i].tolist() for layers in per_rank), []) for i in range(len(per_rank[0]))]
     with open(sys.argv[1], "w") as answers:

@@ -4,8 +4,8 @@ Every step, the scheduler's output carries a `StepPlan` (as the attribute `looka
 the workers, per scheduled request that evicts:
 - `windows`: the prompt rows whose queries score (SnapKV's observation window, LookaheadKV's window
   votes); the workers keep those queries as the prefill passes them, whichever chunk that is;
-- `evictions`: the requests whose prefill ends in this step; the workers score and compact every
-  layer of their prompt right after the step's forward;
+- `evictions`: the requests whose prompt is complete after this step; the workers score and
+  compact every layer of it right after the step's forward;
 - `offsets`: for requests already evicted, how many positions they dropped: a sequence that holds M
   entries of an N-token prompt decodes token i at position N + i (its RoPE) in slot M + i.
 
@@ -32,13 +32,10 @@ logger = logging.getLogger("vllm.lookaheadkv")
 
 @dataclass
 class EvictionOrder:
-    """Evict one request after this step: score its first `num_prompt` positions, keep `budget` of
-    the `seq_len` it holds (the prompt's kept entries plus any tokens after the prompt)."""
+    """Evict one request's `num_prompt`-token prompt after this step, to `eviction.budget` entries."""
 
     eviction: RequestEviction
     num_prompt: int
-    seq_len: int
-    budget: int
 
 
 @dataclass
@@ -84,7 +81,7 @@ def install() -> None:
     from vllm.v1.core.sched.scheduler import Scheduler
 
     init, add_request, schedule = Scheduler.__init__, Scheduler.add_request, Scheduler.schedule
-    preempt = Scheduler._preempt_request
+    preempt, chunk_end = Scheduler._preempt_request, Scheduler._reserve_prefill_lookahead
     allocate_slots, cache_blocks = KVCacheManager.allocate_slots, KVCacheCoordinator.cache_blocks
 
     @functools.wraps(init)
@@ -123,6 +120,17 @@ def install() -> None:
         if state is not None:
             state.evicted = 0  # its blocks are gone; it recomputes in full and evicts again when done
 
+    @functools.wraps(chunk_end)
+    def scheduler_chunk_end(self, request, num_computed_tokens, num_new_tokens):
+        num_new_tokens = chunk_end(self, request, num_computed_tokens, num_new_tokens)
+        state = getattr(request, "lookaheadkv", None)
+        if state is not None and not state.evicted and num_computed_tokens < request.num_prompt_tokens:
+            # A request resumed after preemption recomputes its prompt and its answer so far: end a
+            # chunk at the prompt's end, so it evicts there and recomputes its answer over the
+            # evicted cache, as that answer was first computed.
+            num_new_tokens = min(num_new_tokens, request.num_prompt_tokens - num_computed_tokens)
+        return num_new_tokens
+
     @functools.wraps(allocate_slots)
     def manager_allocate_slots(self, request, *args, **kwargs):
         state = getattr(request, "lookaheadkv", None)
@@ -145,6 +153,7 @@ def install() -> None:
     Scheduler.add_request = scheduler_add_request
     Scheduler.schedule = scheduler_schedule
     Scheduler._preempt_request = scheduler_preempt
+    Scheduler._reserve_prefill_lookahead = scheduler_chunk_end
     KVCacheManager.allocate_slots = manager_allocate_slots
     KVCacheCoordinator.cache_blocks = coordinator_cache_blocks
 
@@ -165,12 +174,10 @@ def plan_step(scheduler, output) -> StepPlan:
         window = POLICIES[state.eviction.policy].query_window(num_prompt)
         if window and end - num_scheduled < num_prompt and end > num_prompt - window:
             plan.windows[req_id] = (num_prompt - window, num_prompt)
-        if not request.is_prefill_chunk:
-            # A request resumed after preemption recomputed its answer so far too: that part is kept.
-            budget = state.eviction.budget + end - num_prompt
-            plan.evictions[req_id] = EvictionOrder(state.eviction, num_prompt, end, budget)
-            state.evicted = end - budget
-            free_tail(scheduler, request, budget)
+        if end == num_prompt:  # the prompt is complete (a chunk never ends past it before eviction)
+            plan.evictions[req_id] = EvictionOrder(state.eviction, num_prompt)
+            state.evicted = num_prompt - state.eviction.budget
+            free_tail(scheduler, request, state.eviction.budget)
     return plan
 
 

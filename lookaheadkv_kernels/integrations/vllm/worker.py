@@ -110,7 +110,7 @@ class Evictor:
         self.step_rows: list[tuple[int, int, str, int]] = []  # (batch row, count, request, window row)
         self.weights: dict[str, LookaheadWeights] = {}
         self.record_kept = record_kept
-        self.kept: dict[str, list[torch.Tensor]] = {}
+        self.kept: list[tuple[str, list[torch.Tensor]]] = []  # (request, per layer kept positions) per eviction
         self.layout: BlockLayout | None = None  # learned at the first eviction (the cache exists by then)
         for index, layer in enumerate(self.layers):
             impl = layer.self_attn.attn.impl
@@ -173,18 +173,20 @@ class Evictor:
         block_size = first_cache.shape[2]
         # The requests' blocks, read into one HND scratch cache per layer: row b of `table` holds
         # request b's scratch blocks, in its block-table order.
-        blocks = [runner.requests[r].block_ids[0][: -(-o.seq_len // block_size)] for r, o in zip(req_ids, orders)]
+        blocks = [runner.requests[r].block_ids[0][: -(-o.num_prompt // block_size)] for r, o in zip(req_ids, orders)]
         starts = np.cumsum([0, *map(len, blocks)])
         table = torch.zeros(len(blocks), max(map(len, blocks)), dtype=torch.int32)
         for b, ids in enumerate(blocks):
             table[b, : len(ids)] = torch.arange(starts[b], starts[b + 1], dtype=torch.int32)
         block_ids = torch.tensor([i for ids in blocks for i in ids])
-        kept_blocks = [-(-o.budget // block_size) for o in orders]
+        kept_blocks = [-(-o.eviction.budget // block_size) for o in orders]
         write_rows = torch.cat([torch.arange(starts[b], starts[b] + kept_blocks[b]) for b in range(len(blocks))])
-        seq_lens = torch.tensor([o.seq_len for o in orders], dtype=torch.int32)
+        seq_lens = torch.tensor([o.num_prompt for o in orders], dtype=torch.int32)
         num_scored = [p.num_scored(o.num_prompt) for p, o in zip(policies, orders)]
-        budgets = torch.tensor([o.budget for o in orders], dtype=torch.int32)
+        budgets = torch.tensor([o.eviction.budget for o in orders], dtype=torch.int32)
         rows = LookaheadRows(self, req_ids, orders, table)
+        recorded = [[] for _ in req_ids] if self.record_kept else []
+        self.kept += zip(req_ids, recorded)
         for index, layer in enumerate(self.layers):
             cache = layer.self_attn.attn.kv_cache
             k_cache, v_cache = self.layout.read(cache, block_ids)
@@ -213,9 +215,8 @@ class Evictor:
                 layout="HND",
             )
             self.layout.write(cache, block_ids[write_rows], k_cache[write_rows], v_cache[write_rows])
-            if self.record_kept:
-                for b, req_id in enumerate(req_ids):
-                    self.kept.setdefault(req_id, []).append(kept[b, :, : orders[b].budget].clone())
+            for b, layers in enumerate(recorded):
+                layers.append(kept[b, :, : orders[b].eviction.budget].clone())
         for req_id, keep in zip(req_ids, kept_blocks):
             self._cut_block_table(req_id, keep)
         self.forget(req_ids)
@@ -404,11 +405,12 @@ def evictor(runner) -> Evictor:
     return found
 
 
-def take_kept_positions(worker) -> dict[str, list[torch.Tensor]]:
-    """The kept positions of every eviction since the last call (per request, per layer [Hkv, M] of
-    this rank's KV heads); needs `record_kept` in the engine's settings. For `LLM.collective_rpc`."""
+def take_kept_positions(worker) -> list[tuple[str, list[torch.Tensor]]]:
+    """The kept positions of every eviction since the last call, in order: (request id, per layer
+    [Hkv, M] positions of this rank's KV heads); needs `record_kept` in the engine's settings. For
+    `LLM.collective_rpc`."""
     found = evictor(worker.model_runner)
-    kept, found.kept = found.kept, {}
+    kept, found.kept = found.kept, []
     return kept
 
 
