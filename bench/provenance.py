@@ -1,27 +1,5 @@
-"""The lines a results file starts with, under its title: the command, the commit, the date, the machine."""
+"""The bench scripts' results header (lookaheadkv_kernels.provenance)."""
 
-import datetime
-import os
-import platform
-import subprocess
-import sys
+from lookaheadkv_kernels.provenance import provenance
 
-import torch
-
-
-def provenance(results_file: str) -> str:
-    """Markdown lines naming this script's command (its output redirected to `results_file`), the
-    commit it ran at, today's date and the machine."""
-    command = " ".join(["python", *sys.argv]) + f" > {results_file}"
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
-        commit += " (uncommitted changes)" if dirty.stdout.strip() else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, {device}; torch {torch.__version__}"
-    date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
-    return f"Command: `{command}`  \nCommit: {commit} ({date}) · Machine: {machine}\n"
+__all__ = ["provenance"]

@@ -16,6 +16,7 @@ import datetime
 import math
 import os
 import statistics
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from . import ops
 from .argtypes import CommandParser, choice_list, int_list, positive_int
 from .backends.reference import gather_sequence
 from .ops import dispatch
+from .provenance import provenance
 
 SHAPES = {  # name: (Hq, Hkv, D, hidden)
     "smollm2": (9, 3, 64, 576),
@@ -172,24 +174,34 @@ def peak_extra_memory(fn, device):
     return max(0, max(peak[0], _rss_bytes()) - start)
 
 
-def median_time(fn, device, repeats, warmup=2):
-    for _ in range(warmup):
-        fn()
-    times = []
+def _elapsed(fn, device):
     if device.type == "cuda":
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def median_time(fn, device, repeats, warmup=2):
+    return median_times({"fn": fn}, device, repeats, warmup)["fn"]
+
+
+def median_times(runners, device, repeats, warmup=2):
+    """Median time of each runner, the runners taking turns within every repeat, so that a change
+    in the machine's load moves them all alike and their ratios stay meaningful."""
+    for _ in range(warmup):
+        for fn in runners.values():
             fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, fn in runners.items():
+            times[name].append(_elapsed(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 @dataclass
@@ -454,9 +466,7 @@ def run(args):
     print(" | ".join(header))
     for case in build_cases(args, device, backends):
         floor = ceilings.floor(case.bytes_moved, case.flops, DTYPES[case.dtype])
-        timings = {}
-        for name, fn in case.runners.items():
-            timings[name] = median_time(fn, device, args.repeats)
+        timings = median_times(case.runners, device, args.repeats)
         for name, fn in case.runners.items():
             peak = peak_extra_memory(fn, device)
             row = [
@@ -484,6 +494,8 @@ def run(args):
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:
+        command = "lookaheadkv bench " + " ".join(args.argv)
+        f.writelines(f"# {line}\n" for line in provenance(str(out), command).splitlines())
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
@@ -539,6 +551,7 @@ def parse_args(argv=None):
     p.add_argument("--csv", default=None, help="CSV path (default bench/results/ops_<device>_<date>.csv)")
     p.add_argument("--quick", action="store_true", help="one small length and budget, for a smoke run")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.quick:
         args.lengths, args.budgets, args.repeats = [2048], [128], 3
     return args

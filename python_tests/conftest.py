@@ -4,12 +4,24 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
 # Without a GPU, the Triton kernels run in the interpreter on CPU tensors. Must be set before
 # triton is imported anywhere.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu need a CUDA device: skipped without one."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
 
 BUILD_LOG = Path(__file__).resolve().parent.parent / "build" / "native-build.log"
 

@@ -14,7 +14,7 @@ The op tests (test_<op>.py) also run the cuda backend on GPU machines.
 import cuda_emulator
 import pytest
 import torch
-from op_testing import HAS_CUDA, randn
+from op_testing import randn
 
 from lookaheadkv_kernels.backends import cuda as cuda_backend
 from lookaheadkv_kernels.backends import reference
@@ -334,7 +334,7 @@ def test_emulated_select_strided(emulated, case, dtype):
 
 # ---- on a GPU -----------------------------------------------------------------------------------
 
-gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+gpu = pytest.mark.gpu
 
 
 def eviction(x, weight, cos, sin, k, v, lora_a, lora_b):

@@ -268,7 +268,7 @@ def test_emulated_paged_ops_take_the_cpu_modules_arguments(emulated):  # noqa: F
 
 # ---- on a GPU -------------------------------------------------------------------------------------
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+gpu = pytest.mark.gpu
 
 
 @gpu

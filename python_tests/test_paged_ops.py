@@ -368,3 +368,21 @@ def test_torch_compile_fullgraph_paged_eviction():
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
     assert torch.equal(batch.k.view(torch.uint8), k.view(torch.uint8))
+
+
+def test_negative_bit_views():
+    """A negative-bit view of the scores is read as its values; a negative-bit cache is refused."""
+    batch, num_scored = bad_input_batch()
+    scores = torch.rand(2, 2, batch.block_table.shape[1] * 16)
+    budgets = torch.tensor([10, 4], dtype=torch.int32)
+    negated = (-scores).to(torch.complex64).conj().imag  # values 0, a negative-bit view
+    args = (batch.block_table, batch.seq_lens, budgets)
+    k, v = batch.k.clone(), batch.v.clone()
+    want = lk.paged_select_compact(torch.zeros_like(scores), k, v, *args, num_scored=num_scored)
+    got = lk.paged_select_compact(negated, batch.k, batch.v, *args, num_scored=num_scored)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    negative_cache = torch.zeros(*batch.k.shape, dtype=torch.complex64).conj().imag
+    with pytest.raises(ValueError, match="negative-bit"):
+        lk.paged_select_compact(scores, negative_cache, negative_cache, *args, num_scored=num_scored, backend="cpu")
+    with pytest.raises(RuntimeError, match="negation"):  # torch.ops refuses mutating such views itself
+        lk.paged_select_compact(scores, negative_cache, negative_cache, *args, num_scored=num_scored)

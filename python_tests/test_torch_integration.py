@@ -2,12 +2,11 @@
 
 import pytest
 import torch
-from op_testing import HAS_CUDA
 
 import lookaheadkv_kernels as lk
 from lookaheadkv_kernels.backends import reference
 
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def sample_args(device, requires_grad=False):

@@ -420,9 +420,21 @@ def check_paged_select_compact(
         num_scored=num_scored,
         budgets=budgets,
     )
+    if k_cache.is_neg() or v_cache.is_neg():
+        raise ValueError("k_cache and v_cache are compacted in place: pass the caches, not negative-bit views of them")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache and v_cache are compacted in place, so their last dim must be contiguous")
-    return scores.to(torch.float32), k_cache, v_cache, block_table, seq_lens, num_scored, budgets, num_sink, layout
+    return (
+        scores.resolve_neg().to(torch.float32),
+        k_cache,
+        v_cache,
+        block_table,
+        seq_lens,
+        num_scored,
+        budgets,
+        num_sink,
+        layout,
+    )
 
 
 def check_paged_data(
