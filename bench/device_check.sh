@@ -51,9 +51,9 @@ if ! $PY -c "from lookaheadkv_kernels.backends import cuda; ok, why = cuda.avail
   exit 1
 fi
 
-TESTS="python_tests/test_lookahead_qproj.py python_tests/test_attention_scores.py python_tests/test_select_compact.py python_tests/test_torch_integration.py"
+TESTS="python_tests/ops/test_lookahead_qproj.py python_tests/ops/test_attention_scores.py python_tests/ops/test_select_compact.py python_tests/ops/test_paged_ops.py python_tests/ops/test_torch_integration.py"
 stage "pytest cuda" 150 pytest.log env LOOKAHEADKV_TEST_BACKENDS=cuda \
-  $PY -m pytest -q -p no:cacheprovider $TESTS python_tests/test_cuda_backend.py -k "not emulated"
+  $PY -m pytest -q -p no:cacheprovider $TESTS python_tests/backends/test_cuda_backend.py python_tests/backends/test_paged_cuda.py -k "not emulated"
 stage "graph replay check" 90 gpu_checks.log $PY bench/gpu_checks.py graph
 stage "timing" 120 gpu_checks.log $PY bench/gpu_checks.py timing
 SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from op_testing import HAS_CUDA
-from test_paged_ops import PagedBatch, output_tolerance, score_tolerance, seed_of
+from paged_testing import PagedBatch, output_tolerance, score_tolerance, seed_of
 
 import lookaheadkv_kernels as lk
 from lookaheadkv_kernels.backends import reference

@@ -15,7 +15,7 @@ from lookaheadkv_kernels.evaluation.policies import ALL_POLICIES, CONTROLS, FULL
 from lookaheadkv_kernels.runtime import generate, load_model, make_policy  # noqa: E402
 from lookaheadkv_kernels.runtime.policies import POLICIES, SnapKV  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 64
 
 

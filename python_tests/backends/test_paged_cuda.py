@@ -8,8 +8,8 @@ sequence with an invalid block id, length or offset must come out NaN / -1, noth
 
 import pytest
 import torch
+from paged_testing import PagedBatch, compaction_case, seed_of
 from test_cuda_backend import PoisonedLaunch, emulated, output_tolerance, score_tolerance  # noqa: F401
-from test_paged_ops import PagedBatch, compaction_case, seed_of
 
 from lookaheadkv_kernels.backends import cuda as cuda_backend
 from lookaheadkv_kernels.backends import reference
