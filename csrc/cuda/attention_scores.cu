@@ -349,6 +349,252 @@ __device__ __forceinline__ void fill_partial_out(const Params& p, const Sequence
   }
 }
 
+// Which block of the grid this is: batch row (sequence) b, KV head kvh and row-block unit. False
+// when the block has no work (paged: malformed q_offsets, or a grid row no sequence owns).
+__device__ __forceinline__ bool block_work(const Params& p, int& b, int& kvh, int& unit) {
+  if (p.units == nullptr) {
+    b = blockIdx.z / p.Hkv;
+    kvh = blockIdx.z % p.Hkv;
+    unit = blockIdx.y;
+    return true;
+  }
+  if (*p.offsets_bad != 0) return false;  // no row is known: the output combine writes NaN
+  const UnitRef ref = p.units[blockIdx.y];
+  if (ref.b < 0 || ref.b >= p.B) return false;  // a grid row between two sequences' units
+  b = ref.b;
+  kvh = blockIdx.z;
+  unit = ref.unit;
+  return true;
+}
+
+// Every warp's rows, and how the warps group into heads (head slots of warps_per_slot warps), into
+// shared memory: they depend on the sequence's Tq, and recomputing them where they are needed
+// costs registers.
+template <int kWarps>
+__device__ __forceinline__ void describe_warps(const Params& p, const Sequence& seq, int unit, WarpRows* warp_table,
+                                               int& head_slots, int& warps_per_slot) {
+  if (threadIdx.x < kWarps) {
+    const RowGeometry geo = row_geometry(seq.Tq, p.G, kWarps);
+    warp_table[threadIdx.x] = warp_rows<kWarps>(geo, p.G, unit, threadIdx.x);
+    if (threadIdx.x == 0) {
+      head_slots = geo.nseg == 1 ? geo.heads_per_block : 1;
+      warps_per_slot = geo.nseg == 1 ? geo.mtiles_per_head : kWarps;
+    }
+  }
+}
+
+// Clears Q and the K/V stages: padding rows and dims must read as zeros.
+template <typename T, int D_PAD, bool kOut>
+__device__ __forceinline__ void clear_tiles(unsigned char* smem_raw) {
+  using C = Cfg<T, D_PAD>;
+  const size_t clear_bytes = C::q_bytes() + C::tile_bytes() * 2 * (kOut ? 2 : 1);
+  uint4* z = reinterpret_cast<uint4*>(smem_raw);
+  for (size_t i = threadIdx.x; i < clear_bytes / 16; i += C::kThreads) z[i] = make_uint4(0, 0, 0, 0);
+}
+
+// The warp's 16 query rows -> its Q tile (cp.async: committed with the first K/V tile).
+template <typename T, int D_PAD>
+__device__ __forceinline__ void load_query_tile(T* tile, const Params& p, const Sequence& seq, int b, int kvh,
+                                                const WarpRows& wr, int lane) {
+  const RowSource<T> queries{
+      static_cast<const T*>(p.q) + b * p.q_sb + (kvh * p.G + wr.head) * p.q_sh + seq.q_row0 * p.q_st, p.q_st, nullptr,
+      0, 0};
+  load_rows<T, D_PAD, 16, 32>(tile, queries, wr.mtile * 16, seq.Tq, p.D, p.q_vec, lane);
+}
+
+// Softmax statistics of this block's rows (max m and reciprocal sum il per row): the sequence's
+// stats chunks combined in chunk order, so every block of the main pass sees the same values.
+template <typename T, int D_PAD>
+__device__ __forceinline__ void combine_row_stats(const Params& p, const Sequence& seq, int kvh,
+                                                  const WarpRows* warp_table, float* row_m, float* row_il) {
+  if (threadIdx.x < Cfg<T, D_PAD>::kRows) {
+    const int row = threadIdx.x;
+    const WarpRows rr = warp_table[row / 16];
+    const int i = rr.mtile * 16 + row % 16;
+    float m = 0.f, il = 0.f;
+    if (rr.active && i < seq.Tq) {
+      const int hq = kvh * p.G + rr.head;
+      const int stats_chunks = (seq.N + p.stats_chunk_keys - 1) / p.stats_chunk_keys;
+      const float* st = p.ws_stats + (static_cast<int64_t>(seq.ws_row0 + i) * p.Hq + hq) * p.stats_chunks * 2;
+      m = -INFINITY;
+      for (int c = 0; c < stats_chunks; ++c) m = fmaxf(m, st[2 * c]);
+      float l = 0.f;
+      for (int c = 0; c < stats_chunks; ++c) l = __fadd_rn(l, __fmul_rn(st[2 * c + 1], exp2f(__fsub_rn(st[2 * c], m))));
+      // l >= 1 whenever it is finite (the row max contributes 2^0), so the fast reciprocal is
+      // accurate to ~1 ulp here; the IEEE one would add a slow-path call to the kernel.
+      il = __fdividef(1.f, l);
+    }
+    row_m[row] = m;
+    row_il[row] = il;
+  }
+}
+
+// The last key each of this thread's two rows (g, g+8) sees; -1 for padding rows.
+__device__ __forceinline__ void last_visible_keys(const Sequence& seq, const WarpRows& wr, int g,
+                                                  int (&last_visible)[2]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int i = wr.mtile * 16 + g + 8 * h;
+    last_visible[h] = (wr.active && i < seq.Tq) ? seq.N - seq.Tq + i : -1;
+  }
+}
+
+template <int D_PAD>
+__device__ __forceinline__ void clear_output(float (&o)[D_PAD / 8][4]) {
+#pragma unroll
+  for (int dt = 0; dt < D_PAD / 8; ++dt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[dt][e] = 0.f;
+}
+
+// Key rows first..first+kKeyTile-1 -> one stage of the K (and, with the output, V) tiles. Rows
+// past the sequence's keys are zero-filled.
+template <typename T, int D_PAD, bool kOut>
+__device__ __forceinline__ void load_kv_tile(T* k_tile, T* v_tile, const RowSource<T>& keys, const RowSource<T>& values,
+                                             int first, const Params& p, const Sequence& seq) {
+  using C = Cfg<T, D_PAD>;
+  load_rows<T, D_PAD, C::kKeyTile, C::kThreads>(k_tile, keys, first, seq.N, p.D, p.k_vec, threadIdx.x);
+  if constexpr (kOut) {
+    load_rows<T, D_PAD, C::kKeyTile, C::kThreads>(v_tile, values, first, seq.N, p.D, p.v_vec, threadIdx.x);
+  }
+}
+
+// Stats pass: folds the logits s of keys kb.. into the running max and sum of 2^logit of this
+// thread's two rows (online softmax). Hidden keys' logits become -inf.
+template <int KS>
+__device__ __forceinline__ void update_row_stats(float (&s)[KS / 8][4], int kb, int t, const int (&last_visible)[2],
+                                                 float scale_log2, float (&m_run)[2], float (&l_run)[2]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < KS / 8; ++nt)
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int key = kb + nt * 8 + 2 * t + u;
+        float& x = s[nt][2 * h + u];
+        x = key <= last_visible[h] ? __fmul_rn(x, scale_log2) : -INFINITY;
+        mx = fmaxf(mx, x);
+      }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m_run[h], mx);
+    // Rows with nothing visible yet keep a zero reference, so -inf - -inf never makes a NaN (a NaN
+    // logit still turns the sum into NaN, as softmax does).
+    const float m_ref = m_new == -INFINITY ? 0.f : m_new;
+    float l = __fmul_rn(l_run[h], exp2f(__fsub_rn(m_run[h], m_ref)));
+#pragma unroll
+    for (int nt = 0; nt < KS / 8; ++nt)
+#pragma unroll
+      for (int u = 0; u < 2; ++u) l = __fadd_rn(l, exp2f(__fsub_rn(s[nt][2 * h + u], m_ref)));
+    l_run[h] = l;
+    m_run[h] = m_new;
+  }
+}
+
+// Main pass: the logits s of keys kb.. -> probabilities P with the rows' combined statistics
+// (row_m, row_il: the warp's 16 rows); hidden keys get 0.
+template <int KS>
+__device__ __forceinline__ void softmax_probabilities(float (&s)[KS / 8][4], int kb, int g, int t,
+                                                      const int (&last_visible)[2], float scale_log2,
+                                                      const float* row_m, const float* row_il) {
+  float m[2], il[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    m[h] = row_m[g + 8 * h];
+    il[h] = row_il[g + 8 * h];
+  }
+#pragma unroll
+  for (int nt = 0; nt < KS / 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int key = kb + nt * 8 + 2 * t + (e & 1);
+      float& x = s[nt][e];
+      x = key <= last_visible[e >> 1] ? __fmul_rn(exp2f(__fsub_rn(__fmul_rn(x, scale_log2), m[e >> 1])), il[e >> 1])
+                                      : 0.f;
+    }
+}
+
+// Column sums (maxima) of P over the warp's 16 rows -> cols[0..KS): the pair (g, g+8) in-thread,
+// then across the 8 g.
+template <int KS>
+__device__ __forceinline__ void store_column_partials(const float (&s)[KS / 8][4], float* cols, int g, int t,
+                                                      bool query_max) {
+#pragma unroll
+  for (int nt = 0; nt < KS / 8; ++nt)
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      float c = reduce_rows(s[nt][u], s[nt][2 + u], query_max);
+      c = reduce_rows(c, __shfl_xor_sync(0xffffffffu, c, 4), query_max);
+      c = reduce_rows(c, __shfl_xor_sync(0xffffffffu, c, 8), query_max);
+      c = reduce_rows(c, __shfl_xor_sync(0xffffffffu, c, 16), query_max);
+      if (g == 0) cols[nt * 8 + 2 * t + u] = c;
+    }
+}
+
+// Per head of the block: its warps' column sums (maxima) of the tile at key0, reduced in warp
+// order -> the head's segment row of the column sums in the workspace.
+template <typename T, int D_PAD>
+__device__ __forceinline__ void write_column_scores(const Params& p, const Sequence& seq, int kvh, int key0,
+                                                    const WarpRows* warp_table, const int& head_slots,
+                                                    const int& warps_per_slot, const float* colsum) {
+  using C = Cfg<T, D_PAD>;
+  constexpr int KT = C::kKeyTile;
+  for (int idx = threadIdx.x; idx < head_slots * KT; idx += C::kThreads) {
+    const int slot = idx / KT, col = idx % KT, key = key0 + col;
+    const WarpRows first = warp_table[slot * warps_per_slot];
+    if (!first.active || key >= seq.S) continue;
+    float sum = 0.f;
+    for (int w = 0; w < warps_per_slot; ++w) {
+      if (warp_table[slot * warps_per_slot + w].active) {
+        sum = reduce_rows(sum, colsum[(slot * warps_per_slot + w) * KT + col], p.query_max);
+      }
+    }
+    const int hq = kvh * p.G + first.head;
+    p.ws_col[(static_cast<int64_t>(seq.seg0 + first.seg) * p.Hq + hq) * p.col_stride + key] = sum;
+  }
+}
+
+// Stats pass: this chunk's (max, sum) of this thread's two rows -> the workspace. The quad's four
+// partial sums are added first; the running max is already the quad's.
+__device__ __forceinline__ void write_row_stats(const Params& p, const Sequence& seq, int chunk, int kvh,
+                                                const WarpRows& wr, int g, int t, const float (&m_run)[2],
+                                                const float (&l_run)[2]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float l = l_run[h];
+    l = __fadd_rn(l, __shfl_xor_sync(0xffffffffu, l, 1));
+    l = __fadd_rn(l, __shfl_xor_sync(0xffffffffu, l, 2));
+    const int i = wr.mtile * 16 + g + 8 * h;
+    if (wr.active && t == 0 && i < seq.Tq) {
+      const int hq = kvh * p.G + wr.head;
+      float* st = p.ws_stats + ((static_cast<int64_t>(seq.ws_row0 + i) * p.Hq + hq) * p.stats_chunks + chunk) * 2;
+      st[0] = m_run[h];
+      st[1] = l;
+    }
+  }
+}
+
+// Output mode: this chunk's P·V of the warp's rows -> the chunk's partial output in the workspace.
+template <int D_PAD>
+__device__ __forceinline__ void write_partial_out(const Params& p, const Sequence& seq, int chunk, int b, int kvh,
+                                                  const WarpRows& wr, int g, int t, const float (&o)[D_PAD / 8][4]) {
+  const int hq = kvh * p.G + wr.head;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int i = wr.mtile * 16 + g + 8 * h;
+    if (i >= seq.Tq) continue;
+    float* dst = p.ws_out + chunk * p.out_elems + b * p.out_sb + (seq.q_row0 + i) * p.out_st + hq * p.out_sh;
+#pragma unroll
+    for (int dt = 0; dt < D_PAD / 8; ++dt)
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int d = dt * 8 + 2 * t + u;
+        if (d < p.D) dst[d] = o[dt][2 * h + u];
+      }
+  }
+}
+
 template <typename T, int D_PAD, int MODE>
 __global__ void __launch_bounds__(Cfg<T, D_PAD>::kThreads, Cfg<T, D_PAD>::kMinBlocks) attention_kernel(const Params p) {
   using C = Cfg<T, D_PAD>;
@@ -366,18 +612,7 @@ __global__ void __launch_bounds__(Cfg<T, D_PAD>::kThreads, Cfg<T, D_PAD>::kMinBl
 
   const int chunk = blockIdx.x;
   int b, kvh, unit;
-  if (p.units == nullptr) {
-    b = blockIdx.z / p.Hkv;
-    kvh = blockIdx.z % p.Hkv;
-    unit = blockIdx.y;
-  } else {
-    if (*p.offsets_bad != 0) return;  // no row is known: the output combine writes NaN
-    const UnitRef ref = p.units[blockIdx.y];
-    if (ref.b < 0 || ref.b >= p.B) return;  // a grid row between two sequences' units
-    b = ref.b;
-    kvh = blockIdx.z;
-    unit = ref.unit;
-  }
+  if (!block_work(p, b, kvh, unit)) return;
   const Sequence seq = sequence(p, b);
   if (!seq.valid) {
     if constexpr (kOut) {
@@ -395,96 +630,38 @@ __global__ void __launch_bounds__(Cfg<T, D_PAD>::kThreads, Cfg<T, D_PAD>::kMinBl
   }
   const int ntiles = (chunk_end - chunk_begin + KT - 1) / KT;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  // Every warp's rows, and how the warps group into heads, in shared memory: they depend on the
-  // sequence's Tq, and recomputing them where they are needed costs registers.
   __shared__ WarpRows warp_table[C::kWarps];
   __shared__ int head_slots, warps_per_slot;
-  if (threadIdx.x < C::kWarps) {
-    const RowGeometry geo = row_geometry(seq.Tq, p.G, C::kWarps);
-    warp_table[threadIdx.x] = warp_rows<C::kWarps>(geo, p.G, unit, threadIdx.x);
-    if (threadIdx.x == 0) {
-      head_slots = geo.nseg == 1 ? geo.heads_per_block : 1;
-      warps_per_slot = geo.nseg == 1 ? geo.mtiles_per_head : C::kWarps;
-    }
-  }
+  describe_warps<C::kWarps>(p, seq, unit, warp_table, head_slots, warps_per_slot);
   const int32_t* blocks = p.blocks == nullptr ? nullptr : p.blocks + b * p.blocks_stride;
   const RowSource<T> keys{static_cast<const T*>(p.k) + b * p.k_sb + kvh * p.k_sh, p.k_sn, blocks, p.block_size,
                           p.k_sblk};
   const RowSource<T> values{kOut ? static_cast<const T*>(p.v) + b * p.v_sb + kvh * p.v_sh : nullptr, p.v_sn, blocks,
                             p.block_size, p.v_sblk};
 
-  // Clear Q and the K/V stages: padding rows and dims must read as zeros.
-  {
-    const size_t clear_bytes = C::q_bytes() + C::tile_bytes() * 2 * (kOut ? 2 : 1);
-    uint4* z = reinterpret_cast<uint4*>(smem_raw);
-    for (size_t i = threadIdx.x; i < clear_bytes / 16; i += C::kThreads) z[i] = make_uint4(0, 0, 0, 0);
-  }
+  clear_tiles<T, D_PAD, kOut>(smem_raw);
   __syncthreads();
   const WarpRows wr = warp_table[warp];
 
-  // Each warp loads its own 16 query rows (committed with the first K/V tile below).
-  if (wr.active) {
-    const RowSource<T> queries{
-        static_cast<const T*>(p.q) + b * p.q_sb + (kvh * p.G + wr.head) * p.q_sh + seq.q_row0 * p.q_st, p.q_st, nullptr,
-        0, 0};
-    load_rows<T, D_PAD, 16, 32>(sQ + warp * 16 * kStride, queries, wr.mtile * 16, seq.Tq, p.D, p.q_vec, lane);
-  }
-  if constexpr (MODE != kStats) {
-    // Softmax statistics of this block's rows: the sequence's stats chunks combined in chunk order.
-    if (threadIdx.x < C::kRows) {
-      const int row = threadIdx.x;
-      const WarpRows rr = warp_table[row / 16];
-      const int i = rr.mtile * 16 + row % 16;
-      float m = 0.f, il = 0.f;
-      if (rr.active && i < seq.Tq) {
-        const int hq = kvh * p.G + rr.head;
-        const int stats_chunks = (seq.N + p.stats_chunk_keys - 1) / p.stats_chunk_keys;
-        const float* st = p.ws_stats + (static_cast<int64_t>(seq.ws_row0 + i) * p.Hq + hq) * p.stats_chunks * 2;
-        m = -INFINITY;
-        for (int c = 0; c < stats_chunks; ++c) m = fmaxf(m, st[2 * c]);
-        float l = 0.f;
-        for (int c = 0; c < stats_chunks; ++c)
-          l = __fadd_rn(l, __fmul_rn(st[2 * c + 1], exp2f(__fsub_rn(st[2 * c], m))));
-        // l >= 1 whenever it is finite (the row max contributes 2^0), so the fast reciprocal is
-        // accurate to ~1 ulp here; the IEEE one would add a slow-path call to the kernel.
-        il = __fdividef(1.f, l);
-      }
-      row_m[row] = m;
-      row_il[row] = il;
-    }
-  }
+  if (wr.active) load_query_tile<T, D_PAD>(sQ + warp * 16 * kStride, p, seq, b, kvh, wr, lane);
+  if constexpr (MODE != kStats) combine_row_stats<T, D_PAD>(p, seq, kvh, warp_table, row_m, row_il);
 
-  // The last key each of this thread's two rows (g, g+8) sees; -1 for padding rows.
   int last_visible[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int i = wr.mtile * 16 + g + 8 * h;
-    last_visible[h] = (wr.active && i < seq.Tq) ? seq.N - seq.Tq + i : -1;
-  }
+  last_visible_keys(seq, wr, g, last_visible);
 
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};  // stats pass
   float o[D_PAD / 8][4];                                           // output mode
-  if constexpr (kOut) {
-#pragma unroll
-    for (int dt = 0; dt < D_PAD / 8; ++dt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) o[dt][e] = 0.f;
-  }
+  if constexpr (kOut) clear_output<D_PAD>(o);
 
-  load_rows<T, D_PAD, KT, C::kThreads>(sK, keys, chunk_begin, seq.N, p.D, p.k_vec, threadIdx.x);
-  if constexpr (kOut) load_rows<T, D_PAD, KT, C::kThreads>(sV, values, chunk_begin, seq.N, p.D, p.v_vec, threadIdx.x);
+  load_kv_tile<T, D_PAD, kOut>(sK, sV, keys, values, chunk_begin, p, seq);
   cp_async_commit();
 
   for (int it = 0; it < ntiles; ++it) {
     const int key0 = chunk_begin + it * KT;
     const int stage = it & 1;
     if (it + 1 < ntiles) {
-      load_rows<T, D_PAD, KT, C::kThreads>(sK + (stage ^ 1) * KT * kStride, keys, key0 + KT, seq.N, p.D, p.k_vec,
-                                           threadIdx.x);
-      if constexpr (kOut) {
-        load_rows<T, D_PAD, KT, C::kThreads>(sV + (stage ^ 1) * KT * kStride, values, key0 + KT, seq.N, p.D, p.v_vec,
-                                             threadIdx.x);
-      }
+      load_kv_tile<T, D_PAD, kOut>(sK + (stage ^ 1) * KT * kStride, sV + (stage ^ 1) * KT * kStride, keys, values,
+                                   key0 + KT, p, seq);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -501,61 +678,10 @@ __global__ void __launch_bounds__(Cfg<T, D_PAD>::kThreads, Cfg<T, D_PAD>::kMinBl
         float s[KS / 8][4];
         M::template qk<KS>(tq, tk + sub * KS * kStride, s);
         if constexpr (MODE == kStats) {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            float mx = -INFINITY;
-#pragma unroll
-            for (int nt = 0; nt < KS / 8; ++nt)
-#pragma unroll
-              for (int u = 0; u < 2; ++u) {
-                const int key = kb + nt * 8 + 2 * t + u;
-                float& x = s[nt][2 * h + u];
-                x = key <= last_visible[h] ? __fmul_rn(x, p.scale_log2) : -INFINITY;
-                mx = fmaxf(mx, x);
-              }
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(m_run[h], mx);
-            // Rows with nothing visible yet keep a zero reference, so -inf - -inf never makes a NaN
-            // (a NaN logit still turns the sum into NaN, as softmax does).
-            const float m_ref = m_new == -INFINITY ? 0.f : m_new;
-            float l = __fmul_rn(l_run[h], exp2f(__fsub_rn(m_run[h], m_ref)));
-#pragma unroll
-            for (int nt = 0; nt < KS / 8; ++nt)
-#pragma unroll
-              for (int u = 0; u < 2; ++u) l = __fadd_rn(l, exp2f(__fsub_rn(s[nt][2 * h + u], m_ref)));
-            l_run[h] = l;
-            m_run[h] = m_new;
-          }
+          update_row_stats<KS>(s, kb, t, last_visible, p.scale_log2, m_run, l_run);
         } else {
-          float m[2], il[2];
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            m[h] = row_m[warp * 16 + g + 8 * h];
-            il[h] = row_il[warp * 16 + g + 8 * h];
-          }
-#pragma unroll
-          for (int nt = 0; nt < KS / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int key = kb + nt * 8 + 2 * t + (e & 1);
-              float& x = s[nt][e];
-              x = key <= last_visible[e >> 1]
-                      ? __fmul_rn(exp2f(__fsub_rn(__fmul_rn(x, p.scale_log2), m[e >> 1])), il[e >> 1])
-                      : 0.f;
-            }
-          // Column sums (maxima) over the warp's 16 rows: the pair (g, g+8) in-thread, then
-          // across the 8 g.
-#pragma unroll
-          for (int nt = 0; nt < KS / 8; ++nt)
-#pragma unroll
-            for (int u = 0; u < 2; ++u) {
-              float c = reduce_rows(s[nt][u], s[nt][2 + u], p.query_max);
-              c = reduce_rows(c, __shfl_xor_sync(0xffffffffu, c, 4), p.query_max);
-              c = reduce_rows(c, __shfl_xor_sync(0xffffffffu, c, 8), p.query_max);
-              c = reduce_rows(c, __shfl_xor_sync(0xffffffffu, c, 16), p.query_max);
-              if (g == 0) colsum[warp * KT + sub * KS + nt * 8 + 2 * t + u] = c;
-            }
+          softmax_probabilities<KS>(s, kb, g, t, last_visible, p.scale_log2, row_m + warp * 16, row_il + warp * 16);
+          store_column_partials<KS>(s, colsum + warp * KT + sub * KS, g, t, p.query_max);
           if constexpr (kOut) M::template pv<KS>(s, sV + stage * KT * kStride + sub * KS * kStride, o);
         }
       }
@@ -563,55 +689,13 @@ __global__ void __launch_bounds__(Cfg<T, D_PAD>::kThreads, Cfg<T, D_PAD>::kMinBl
     __syncthreads();  // tile buffers free for the next prefetch; column sums complete
 
     if constexpr (MODE != kStats) {
-      // Per head of the block: sum (max) its warps' column sums (maxima) in warp order.
-      for (int idx = threadIdx.x; idx < head_slots * KT; idx += C::kThreads) {
-        const int slot = idx / KT, col = idx % KT, key = key0 + col;
-        const WarpRows first = warp_table[slot * warps_per_slot];
-        if (!first.active || key >= seq.S) continue;
-        float sum = 0.f;
-        for (int w = 0; w < warps_per_slot; ++w) {
-          if (warp_table[slot * warps_per_slot + w].active) {
-            sum = reduce_rows(sum, colsum[(slot * warps_per_slot + w) * KT + col], p.query_max);
-          }
-        }
-        const int hq = kvh * p.G + first.head;
-        p.ws_col[(static_cast<int64_t>(seq.seg0 + first.seg) * p.Hq + hq) * p.col_stride + key] = sum;
-      }
+      write_column_scores<T, D_PAD>(p, seq, kvh, key0, warp_table, head_slots, warps_per_slot, colsum);
     }
   }
 
-  if constexpr (MODE == kStats) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float l = l_run[h];
-      l = __fadd_rn(l, __shfl_xor_sync(0xffffffffu, l, 1));
-      l = __fadd_rn(l, __shfl_xor_sync(0xffffffffu, l, 2));
-      const int i = wr.mtile * 16 + g + 8 * h;
-      if (wr.active && t == 0 && i < seq.Tq) {
-        const int hq = kvh * p.G + wr.head;
-        float* st = p.ws_stats + ((static_cast<int64_t>(seq.ws_row0 + i) * p.Hq + hq) * p.stats_chunks + chunk) * 2;
-        st[0] = m_run[h];
-        st[1] = l;
-      }
-    }
-  }
+  if constexpr (MODE == kStats) write_row_stats(p, seq, chunk, kvh, wr, g, t, m_run, l_run);
   if constexpr (kOut) {
-    if (wr.active) {
-      const int hq = kvh * p.G + wr.head;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int i = wr.mtile * 16 + g + 8 * h;
-        if (i >= seq.Tq) continue;
-        float* dst = p.ws_out + chunk * p.out_elems + b * p.out_sb + (seq.q_row0 + i) * p.out_st + hq * p.out_sh;
-#pragma unroll
-        for (int dt = 0; dt < D_PAD / 8; ++dt)
-#pragma unroll
-          for (int u = 0; u < 2; ++u) {
-            const int d = dt * 8 + 2 * t + u;
-            if (d < p.D) dst[d] = o[dt][2 * h + u];
-          }
-      }
-    }
+    if (wr.active) write_partial_out<D_PAD>(p, seq, chunk, b, kvh, wr, g, t, o);
   }
 }
 
