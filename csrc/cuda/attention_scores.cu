@@ -492,17 +492,17 @@ __device__ __forceinline__ void update_row_stats(float (&s)[KS / 8][4], int kb, 
   }
 }
 
-// Main pass: the logits s of keys kb.. -> probabilities P with the rows' combined statistics
-// (row_m, row_il: the warp's 16 rows); hidden keys get 0.
+// Main pass: the logits s of keys kb.. -> probabilities P with the combined statistics of this
+// thread's rows (row, row + 8 of the block); hidden keys get 0.
 template <int KS>
-__device__ __forceinline__ void softmax_probabilities(float (&s)[KS / 8][4], int kb, int g, int t,
+__device__ __forceinline__ void softmax_probabilities(float (&s)[KS / 8][4], int kb, int row, int t,
                                                       const int (&last_visible)[2], float scale_log2,
                                                       const float* row_m, const float* row_il) {
   float m[2], il[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    m[h] = row_m[g + 8 * h];
-    il[h] = row_il[g + 8 * h];
+    m[h] = row_m[row + 8 * h];
+    il[h] = row_il[row + 8 * h];
   }
 #pragma unroll
   for (int nt = 0; nt < KS / 8; ++nt)
@@ -515,11 +515,11 @@ __device__ __forceinline__ void softmax_probabilities(float (&s)[KS / 8][4], int
     }
 }
 
-// Column sums (maxima) of P over the warp's 16 rows -> cols[0..KS): the pair (g, g+8) in-thread,
-// then across the 8 g.
+// Column sums (maxima) of P over the warp's 16 rows -> colsum[col0..col0+KS): the pair (g, g+8)
+// in-thread, then across the 8 g.
 template <int KS>
-__device__ __forceinline__ void store_column_partials(const float (&s)[KS / 8][4], float* cols, int g, int t,
-                                                      bool query_max) {
+__device__ __forceinline__ void store_column_partials(const float (&s)[KS / 8][4], float* colsum, int col0, int g,
+                                                      int t, bool query_max) {
 #pragma unroll
   for (int nt = 0; nt < KS / 8; ++nt)
 #pragma unroll
@@ -528,7 +528,7 @@ __device__ __forceinline__ void store_column_partials(const float (&s)[KS / 8][4
       c = reduce_rows(c, __shfl_xor_sync(0xffffffffu, c, 4), query_max);
       c = reduce_rows(c, __shfl_xor_sync(0xffffffffu, c, 8), query_max);
       c = reduce_rows(c, __shfl_xor_sync(0xffffffffu, c, 16), query_max);
-      if (g == 0) cols[nt * 8 + 2 * t + u] = c;
+      if (g == 0) colsum[col0 + nt * 8 + 2 * t + u] = c;
     }
 }
 
@@ -680,8 +680,8 @@ __global__ void __launch_bounds__(Cfg<T, D_PAD>::kThreads, Cfg<T, D_PAD>::kMinBl
         if constexpr (MODE == kStats) {
           update_row_stats<KS>(s, kb, t, last_visible, p.scale_log2, m_run, l_run);
         } else {
-          softmax_probabilities<KS>(s, kb, g, t, last_visible, p.scale_log2, row_m + warp * 16, row_il + warp * 16);
-          store_column_partials<KS>(s, colsum + warp * KT + sub * KS, g, t, p.query_max);
+          softmax_probabilities<KS>(s, kb, warp * 16 + g, t, last_visible, p.scale_log2, row_m, row_il);
+          store_column_partials<KS>(s, colsum, warp * KT + sub * KS, g, t, p.query_max);
           if constexpr (kOut) M::template pv<KS>(s, sV + stage * KT * kStride + sub * KS * kStride, o);
         }
       }
