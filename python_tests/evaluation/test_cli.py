@@ -108,7 +108,8 @@ def test_an_unknown_command_is_named_with_the_closest_one(capsys):
     assert line.startswith("lookaheadkv: error: unknown command 'demoo'; did you mean 'demo'?"), line
     assert cli.main(["frobnicate"]) == 2
     line = one_line(capsys.readouterr().err)
-    assert "unknown command 'frobnicate' (commands: demo, eval, bench-evict, bench, train)" in line, line
+    assert f"unknown command 'frobnicate' (commands: {', '.join(cli.COMMANDS)})" in line, line
+    assert "demo" in cli.COMMANDS and "bench" in cli.COMMANDS
 
 
 def test_no_command_prints_the_usage_and_fails_help_succeeds(capsys):
