@@ -14,10 +14,8 @@ Results: <out>/vllm_<name>.md and .json, headed by the command, commit, date and
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,6 +24,7 @@ import time
 from pathlib import Path
 
 from ...argtypes import CommandParser, positive_int
+from ...provenance import provenance
 from .policies import POLICIES
 
 SUITE_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "fact_qa", "variable_tracking")
@@ -73,7 +72,7 @@ def main(argv=None) -> int:
         "max_model_len": args.prompt_tokens + args.max_tokens,
         "eviction": {"policy": args.policy, "budget": args.budget},
     }
-    prompts, answers = _prompts(model, args.requests, args.prompt_tokens + args.max_tokens)
+    prompts, answers = _prompts(model, args.requests, args.prompt_tokens)
     results = {}
     for label, eviction in (("without eviction", None), ("with eviction", run["eviction"])):
         print(f"bench-vllm: throughput {label} ...", file=sys.stderr, flush=True)
@@ -83,14 +82,18 @@ def main(argv=None) -> int:
     print("bench-vllm: time to first token ...", file=sys.stderr, flush=True)
     ttft = _child({**run, "mode": "ttft", "prompts": prompts[:1], "repeats": args.ttft_repeats})
     command = "lookaheadkv bench-vllm " + " ".join(argv if argv is not None else sys.argv[1:])
-    meta = {"command": command, "header": _provenance(command), **vars(args), "model": str(model)}
+    import vllm
+
+    results_file = args.out / f"vllm_{args.name}.md"
+    meta = {"command": command, "header": provenance(str(results_file), command), **vars(args), "model": str(model)}
+    meta["vllm"] = vllm.__version__
     meta["out"], meta["prompt_lengths"] = str(args.out), [len(p) for p in prompts]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"vllm_{args.name}.json").write_text(
         json.dumps({"meta": meta, "throughput": results, "ttft": ttft}, indent=2) + "\n"
     )
     table = markdown(meta, results, ttft)
-    (args.out / f"vllm_{args.name}.md").write_text(table)
+    results_file.write_text(table)
     print(table)
     return 0
 
@@ -102,7 +105,7 @@ def _converted_smollm2() -> Path | None:
 
 
 def _prompts(model: Path, count: int, length: int) -> tuple[list[list[int]], list[tuple[str, ...]]]:
-    """`count` suite samples fitted to `length` tokens (prompt + answer allowance), tasks in turn."""
+    """`count` suite samples fitted to `length` tokens (prompt + the task's answer allowance), tasks in turn."""
     from transformers import AutoTokenizer
 
     from ...evaluation.tasks import make_sample, prompt_ids
@@ -167,7 +170,7 @@ def _throughput(spec: dict) -> dict:
 
     scheduler.schedule = recorded_schedule  # observes each step: prefill tokens in it, preemptions
     params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0, ignore_eos=True)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for i, prompt in enumerate(spec["prompts"]):
         engine.add_request(str(i), {"prompt_token_ids": prompt}, params)
     texts, first_token, seen, running = {}, {}, {}, []
@@ -190,12 +193,14 @@ def _throughput(spec: dict) -> dict:
         preempted += sum(len(o.preempted_req_ids or ()) for o in scheduled)
         if all(o.total_num_scheduled_tokens == len(o.num_scheduled_tokens) for o in scheduled):  # one token each
             decode_seconds, decode_tokens = decode_seconds + seconds, decode_tokens + generated
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     return {
         "peak_running": max(running),
         "mean_running": statistics.mean(running),
         "seconds": wall,
         "output_tokens_per_s": sum(seen.values()) / wall,
+        "cpu_seconds": cpu,
+        "output_tokens_per_cpu_s": sum(seen.values()) / cpu,
         "decode_tokens_per_s": decode_tokens / decode_seconds if decode_seconds else None,
         "median_ttft_s": statistics.median(first_token.values()),
         "preemptions": preempted,
@@ -238,31 +243,6 @@ def _ttft(spec: dict) -> dict:
     return {"prompt_tokens": len(prompt), "seconds": times, "eviction_work_s": work}
 
 
-def _provenance(command: str) -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
-        revision = commit.stdout.strip() + (" (uncommitted changes)" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        revision = "unknown"
-    import torch
-    import vllm
-
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor(),
-    )
-    date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
-    return (
-        f"Command: `{command}`  \nCommit: {revision} ({date}) · Machine: {platform.machine()} {cpu}, "
-        f"{os.cpu_count()} cores, no GPU; torch {torch.__version__}, vLLM {vllm.__version__}\n"
-    )
-
-
 def markdown(meta: dict, results: dict, ttft: dict) -> str:
     off, on = results["without eviction"], results["with eviction"]
     lengths = meta["prompt_lengths"]
@@ -270,24 +250,26 @@ def markdown(meta: dict, results: dict, ttft: dict) -> str:
         "# LookaheadKV eviction inside vLLM (CPU)",
         "",
         meta["header"],
-        f"SmolLM2-135M-Instruct, {meta['dtype']}, KV cache {meta['kv_cache_gib']} GiB ({off['kv_blocks']} blocks of "
+        f"vLLM {meta['vllm']} (CPU). SmolLM2-135M-Instruct, {meta['dtype']}, KV cache {meta['kv_cache_gib']} GiB ({off['kv_blocks']} blocks of "
         f"{meta['block_size']} tokens); {meta['requests']} requests of {min(lengths)}–{max(lengths)} prompt tokens "
         f"(suite samples), {meta['max_tokens']} output tokens each (greedy, EOS ignored), all submitted at once; "
         f"eviction: {meta['policy']} at budget {meta['budget']}. Engine core in the benchmark's process, "
         f"OpenMP threads {off['omp_threads']}.",
         "",
-        "| run | peak running | mean running | wall s | output tok/s | decode-only tok/s | median TTFT s | "
-        "preemptions | score |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | peak running | mean running | wall s | output tok/s | CPU s | output tok/CPU s | "
+        "decode-only tok/s | median TTFT s | preemptions | score |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, r in results.items():
         decode = "—" if r["decode_tokens_per_s"] is None else f"{r['decode_tokens_per_s']:.1f}"
         lines.append(
             f"| {label} | {r['peak_running']} | {r['mean_running']:.1f} | {r['seconds']:.1f} | "
-            f"{r['output_tokens_per_s']:.1f} | {decode} | {r['median_ttft_s']:.1f} | {r['preemptions']} | "
+            f"{r['output_tokens_per_s']:.1f} | {r['cpu_seconds']:.1f} | {r['output_tokens_per_cpu_s']:.1f} | "
+            f"{decode} | {r['median_ttft_s']:.1f} | {r['preemptions']} | "
             f"{r['score']:.2f} |"
         )
     ratio = on["output_tokens_per_s"] / off["output_tokens_per_s"]
+    cpu_ratio = on["output_tokens_per_cpu_s"] / off["output_tokens_per_cpu_s"]
     decode_ratio = (
         on["decode_tokens_per_s"] / off["decode_tokens_per_s"]
         if on["decode_tokens_per_s"] and off["decode_tokens_per_s"]
@@ -300,7 +282,8 @@ def markdown(meta: dict, results: dict, ttft: dict) -> str:
         "",
         f"- Concurrency: {on['peak_running'] / off['peak_running']:.1f}× the peak running requests "
         f"(target ≥ 4×: {'met' if on['peak_running'] >= 4 * off['peak_running'] else 'not met'}).",
-        f"- Output throughput: {ratio:.2f}× over the whole run (target ≥ 2×: {'met' if ratio >= 2 else 'not met'})"
+        f"- Output throughput: {ratio:.2f}× over the whole run (target ≥ 2×: {'met' if ratio >= 2 else 'not met'}), "
+        f"{cpu_ratio:.2f}× per CPU second (the machine is shared: CPU time is what the load leaves comparable)"
         + ("" if decode_ratio is None else f"; {decode_ratio:.2f}× over the decode-only steps")
         + ".",
         f"- Time to first token, one {ttft['prompt_tokens']}-token prompt alone, median of {len(full)}: plain "
