@@ -81,7 +81,7 @@ def main(argv=None) -> int:
         results[label]["score"] = _score(results[label].pop("texts"), answers)
     print("bench-vllm: time to first token ...", file=sys.stderr, flush=True)
     ttft = _child({**run, "mode": "ttft", "prompts": prompts[:1], "repeats": args.ttft_repeats})
-    command = "lookaheadkv bench-vllm " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = " ".join(["lookaheadkv bench-vllm", *(argv if argv is not None else sys.argv[1:])])
     import vllm
 
     results_file = args.out / f"vllm_{args.name}.md"

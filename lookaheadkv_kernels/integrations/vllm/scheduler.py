@@ -118,7 +118,7 @@ def install() -> None:
         preempt(self, request, *args, **kwargs)
         state = getattr(request, "lookaheadkv", None)
         if state is not None:
-            state.evicted = 0  # its blocks are gone; it recomputes in full and evicts again when done
+            state.evicted = 0  # its blocks are gone: it recomputes its prompt and is evicted again
 
     @functools.wraps(chunk_end)
     def scheduler_chunk_end(self, request, num_computed_tokens, num_new_tokens):
