@@ -3,7 +3,7 @@
 The runtime package refuses to import under the transformers vLLM needs (it subclasses a cache API
 that changed after 5.2), so the few definitions eviction needs are stated here again: which prompt
 rows score, with which `attention_scores` options, what is always kept, and how LookaheadKV adds
-SnapKV's votes. `python_tests/test_vllm_eviction.py` checks that vLLM keeps the positions the runtime
+SnapKV's votes. `python_tests/integrations/test_vllm_engine.py` checks that vLLM keeps the positions the runtime
 keeps for the same prompt, policy and budget.
 
 One difference is forced by the engine: every layer of a request keeps the same number of entries,

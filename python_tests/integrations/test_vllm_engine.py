@@ -44,9 +44,12 @@ def smollm2_dir() -> Path | None:
 
 
 MODEL = smollm2_dir()
-pytestmark = pytest.mark.skipif(
-    MODEL is None, reason="no converted SmolLM2: run load_model('smollm2') in the runtime's environment first"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        MODEL is None, reason="no converted SmolLM2: run load_model('smollm2') in the runtime's environment first"
+    ),
+]
 
 
 # A small cache, so that one test can make the engine preempt: 68 blocks of 32 tokens (and vLLM's null block).
@@ -238,7 +241,7 @@ def test_bad_requests_raise_and_the_engine_keeps_serving(llm, prompts, tmp_path)
 
     wrong_module = tmp_path / "module"
     wrong_module.mkdir()
-    shipped = Path(__file__).resolve().parents[1] / "lookaheadkv_kernels/data/modules/smollm2-135m-instruct"
+    shipped = Path(__file__).resolve().parents[2] / "lookaheadkv_kernels/data/modules/smollm2-135m-instruct"
     config = json.loads((shipped / "lookahead_config.json").read_text())
     config["architecture"]["hidden_size"] = 960
     (wrong_module / "lookahead_config.json").write_text(json.dumps(config))
