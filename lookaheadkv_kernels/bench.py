@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .argtypes import CommandParser, choice_list, int_list, positive_int
-from .backends.reference import gather_sequence
+from .backends.reference import gather_sequence, scatter_sequence
 from .ops import dispatch
 from .provenance import provenance
 
@@ -95,7 +95,6 @@ def composite_paged_attention(q, q_offsets, k_cache, v_cache, block_table, seq_l
 
 def composite_paged_select(scores, k_cache, v_cache, block_table, seq_lens, num_scored, budgets, num_sink):
     """Each sequence gathered dense, select_compact, and the kept rows scattered back into its blocks."""
-    block_size = k_cache.shape[1]
     for b in range(block_table.shape[0]):
         n, s, budget = int(seq_lens[b]), int(num_scored[b]), int(budgets[b])
         if budget >= n:
@@ -103,10 +102,8 @@ def composite_paged_select(scores, k_cache, v_cache, block_table, seq_lens, num_
         k = gather_sequence(k_cache, block_table[b], n, "NHD")[None]
         v = gather_sequence(v_cache, block_table[b], n, "NHD")[None]
         k_out, v_out, _ = ops.select_compact(scores[b : b + 1, :, :s], k, v, budget, num_sink=num_sink)
-        slots = torch.arange(k_out.shape[2], device=k_cache.device)
-        blocks, offsets = block_table[b].long()[slots // block_size], slots % block_size
-        k_cache[blocks, offsets] = k_out[0].transpose(0, 1)
-        v_cache[blocks, offsets] = v_out[0].transpose(0, 1)
+        scatter_sequence(k_cache, block_table[b], k_out[0], "NHD")
+        scatter_sequence(v_cache, block_table[b], v_out[0], "NHD")
 
 
 def composite_qproj(x, weight, lora_a, lora_b, lora_scale, cos, sin, num_heads):

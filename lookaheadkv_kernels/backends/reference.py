@@ -126,10 +126,6 @@ def paged_geometry(cache, layout):
     return (a, b, D) if layout == "NHD" else (b, a, D)
 
 
-def _block_size(cache, layout):
-    return paged_geometry(cache, layout)[0]
-
-
 def _logical_slots(block_table_row, count, block_size):
     """(block id, offset in block) of logical slots 0..count-1 of one sequence."""
     slots = torch.arange(count, device=block_table_row.device)
@@ -138,14 +134,14 @@ def _logical_slots(block_table_row, count, block_size):
 
 def gather_sequence(cache, block_table_row, length, layout):
     """One sequence's [Hkv, length, D] out of a paged cache (NHD or HND blocks)."""
-    blocks, offsets = _logical_slots(block_table_row, length, _block_size(cache, layout))
+    blocks, offsets = _logical_slots(block_table_row, length, paged_geometry(cache, layout)[0])
     rows = cache[blocks, offsets] if layout == "NHD" else cache[blocks, :, offsets]  # [length, Hkv, D]
     return rows.transpose(0, 1)
 
 
-def _scatter_sequence(cache, block_table_row, rows, layout):
+def scatter_sequence(cache, block_table_row, rows, layout):
     """Writes rows [Hkv, M, D] into logical slots 0..M-1 of one sequence."""
-    blocks, offsets = _logical_slots(block_table_row, rows.shape[1], _block_size(cache, layout))
+    blocks, offsets = _logical_slots(block_table_row, rows.shape[1], paged_geometry(cache, layout)[0])
     if layout == "NHD":
         cache[blocks, offsets] = rows.transpose(0, 1).to(cache.dtype)
     else:
@@ -168,9 +164,9 @@ def _paged_attention(
     layout,
 ):
     B = block_table.shape[0]
-    capacity = block_table.shape[1] * _block_size(k_cache, layout)
+    capacity = block_table.shape[1] * paged_geometry(k_cache, layout)[0]
     scores = torch.full(
-        (B, k_cache.shape[-2 if layout == "NHD" else 1], capacity),
+        (B, paged_geometry(k_cache, layout)[1], capacity),
         float("-inf"),
         dtype=_score_dtype(q),
         device=q.device,
@@ -256,7 +252,7 @@ def paged_lookahead_attention(
 
 def paged_select_compact(scores, k_cache, v_cache, block_table, seq_lens, num_scored, budgets, num_sink, layout):
     B, Hkv = scores.shape[:2]
-    capacity = block_table.shape[1] * _block_size(k_cache, layout)
+    capacity = block_table.shape[1] * paged_geometry(k_cache, layout)[0]
     new_lens = torch.empty(B, dtype=torch.int32, device=scores.device)
     kept = torch.full((B, Hkv, capacity), -1, dtype=torch.int32, device=scores.device)
     for b in range(B):
@@ -269,7 +265,7 @@ def paged_select_compact(scores, k_cache, v_cache, block_table, seq_lens, num_sc
         index = positions.to(k_cache.device)[..., None].expand(-1, -1, k_cache.shape[-1])
         for cache in (k_cache, v_cache):
             rows = gather_sequence(cache, block_table[b], n, layout).gather(1, index)
-            _scatter_sequence(cache, block_table[b], rows, layout)
+            scatter_sequence(cache, block_table[b], rows, layout)
         new_lens[b] = positions.shape[1]
         kept[b, :, : positions.shape[1]] = positions.to(torch.int32)
     return new_lens, kept

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lookaheadkv_kernels.backends._native import native_module
+from lookaheadkv_kernels.ops import dispatch
 
 
 def cpu_module():
@@ -137,7 +138,7 @@ def test_cpu_and_cuda_modules_take_the_same_op_arguments():
     if cuda_emulator.unavailable_reason() is not None:
         pytest.skip(cuda_emulator.unavailable_reason())
     cpu, cuda = native_module("_C_cpu"), cuda_emulator.load()
-    for op in ("lookahead_qproj", "attention_scores", "lookahead_attention", "select_compact"):
+    for op in dispatch.OPS:
         cpu_args = getattr(cpu, op).__doc__.split("(", 1)[1].split(")", 1)[0]
         cuda_args = getattr(cuda, op).__doc__.split("(", 1)[1].split(")", 1)[0]
         cpu_names = [a.split(":")[0].strip() for a in cpu_args.split(",")][:-1]  # all but num_threads
