@@ -36,7 +36,7 @@ from ..argtypes import (
     positive_int,
     torch_device,
 )
-from .policies import ALL_POLICIES, FULL, PEER_POLICIES, build_policy, load_lookahead, parse_policies
+from .policies import ALL_POLICIES, FULL, MODULE_POLICIES, PEER_POLICIES, build_policy, load_lookahead, parse_policies
 from .tasks import MIN_LENGTH, make_sample, prompt_ids
 
 DEFAULT_POLICIES = "lookaheadkv,snapkv,pyramidkv,streamingllm,laq,speckv"
@@ -71,7 +71,7 @@ def bench_length(model, tokenizer, length, policies, module, budget, repeats, ma
     ids = torch.tensor([prompt_ids(sample, tokenizer)], device=device)
     num_prompt = ids.shape[1]
     names = [PLAIN] + policies
-    built = {name: build_policy(name, module) for name in policies}
+    built = {name: build_policy(name, module, model) for name in policies}
     times = {name: [] for name in names}
     stats = {}
     _ttft(model, ids[:, : min(num_prompt, 256)], "snapkv", num_prompt, max_new_tokens)  # warm-up
@@ -267,7 +267,7 @@ def main(argv=None) -> int:
     with load_errors_reported(parser, "--model"):
         model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     module = module_dir = None
-    if "lookaheadkv" in policies:
+    if any(p in MODULE_POLICIES for p in policies):
         with load_errors_reported(parser, "--module"):
             module, module_dir = load_lookahead(model, args.module)
         module.to(device=device, dtype=dtype)

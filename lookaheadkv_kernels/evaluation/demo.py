@@ -31,7 +31,16 @@ from ..argtypes import (
     parse_option,
     positive_int,
 )
-from .policies import ALL_POLICIES, FULL, PEER_POLICIES, build_policy, load_lookahead, parse_budgets, parse_policies
+from .policies import (
+    ALL_POLICIES,
+    FULL,
+    MODULE_POLICIES,
+    PEER_POLICIES,
+    build_policy,
+    load_lookahead,
+    parse_budgets,
+    parse_policies,
+)
 from .tasks import Sample, make_sample, prompt_ids, score
 
 BUILT_IN = ("niah_multikey", 2048, 0)
@@ -162,8 +171,8 @@ def main(argv=None) -> int:
         parser.error("--prompt-file needs --question")
     budget = parse_option(parser, "--budget", _one_budget, args.budget)
     policies = [p for p in parse_option(parser, "--policies", parse_policies, args.policies) if p != FULL]
-    if args.module is not None and "lookaheadkv" not in policies:
-        parser.error("--module is the lookaheadkv policy's, and --policies leaves lookaheadkv out")
+    if args.module is not None and not any(p in MODULE_POLICIES for p in policies):
+        parser.error("--module is the lookaheadkv policies', and --policies leaves them out")
     peers = [p for p in policies if p in PEER_POLICIES]
     if peers:
         from .kvpress_peers import kvpress_version
@@ -188,7 +197,7 @@ def main(argv=None) -> int:
     with load_errors_reported(parser, "--model"):
         model, tokenizer = load_model(args.model)
     module = None
-    if "lookaheadkv" in policies:
+    if any(p in MODULE_POLICIES for p in policies):
         with load_errors_reported(parser, "--module"):
             module, module_dir = load_lookahead(model, args.module)
     loaded = time.perf_counter()
@@ -214,7 +223,7 @@ def main(argv=None) -> int:
             if name in PEER_POLICIES:
                 replay = press_evict(model, prefill, name, budget)
             else:
-                replay = evict(model, prefill, build_policy(name, module), budget, max_new_tokens=max_new)
+                replay = evict(model, prefill, build_policy(name, module, model), budget, max_new_tokens=max_new)
         except ValueError as error:  # e.g. a budget below the window a policy always keeps
             skipped.append(f"{name}: {error}")
             continue

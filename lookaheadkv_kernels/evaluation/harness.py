@@ -31,6 +31,7 @@ from ..argtypes import (
 from .policies import (
     ALL_POLICIES,
     FULL,
+    MODULE_POLICIES,
     PEER_POLICIES,
     build_policy,
     load_lookahead,
@@ -94,7 +95,7 @@ def evaluate(model, tokenizer, samples, policies, budgets, store: ResultStore, *
     from .replay import capture_prefill, decode, evict
 
     runtime_policies = {
-        name: build_policy(name, module) for name in policies if name != FULL and name not in PEER_POLICIES
+        name: build_policy(name, module, model) for name in policies if name != FULL and name not in PEER_POLICIES
     }
     jobs = _jobs(policies, budgets)
     todo = [s for s in samples if any(not store.has(s.uid, p, b) for p, b in jobs)]
@@ -243,7 +244,7 @@ def main(argv=None) -> int:
         with load_errors_reported(parser, "--model"):
             model, tokenizer = load_model(args.model)
         module = module_dir = None
-        if "lookaheadkv" in policies or "lookaheadkv-kvpress" in policies:
+        if any(p in MODULE_POLICIES for p in policies):
             with load_errors_reported(parser, "--module"):
                 module, module_dir = load_lookahead(model, args.module)
         if any(p in PEER_POLICIES for p in policies):

@@ -6,6 +6,10 @@ in "-kvpress" are kvpress 0.5.x presses run on the same captured prefill (see `k
 Two controls, not published methods: "snapkv-lkvpool" is SnapKV's window queries with LookaheadKV's
 default pooling, and "snapkv-lkvconfig" adds LookaheadKV's per-layer budgets (its depth ramp), so
 the suite separates what the lookahead rows add from what the pooling and the budget schedule add.
+Three controls of the module itself: "lookaheadkv-rows" is the rows alone (LookaheadKV's defaults
+without SnapKV's window votes), "lookaheadkv-paper" the paper's configuration
+(`LookaheadKV.paper`), "lookaheadkv-untrained" the rows alone with the module's untrained
+initialisation (seed 0, the trainer's default).
 """
 
 from __future__ import annotations
@@ -50,7 +54,20 @@ class SnapKVWithLookaheadConfig(SnapKV):
         return depth_ramp_budgets(budget, num_prompt, num_layers, LOOKAHEAD_DEPTH_RAMP, floor)
 
 
+def untrained_rows(module: LookaheadModule, model) -> LookaheadKV:
+    config = module.config
+    fresh = LookaheadModule(model, n_lookahead=config.n_lookahead, rank=config.rank, alpha=config.alpha, seed=0)
+    return LookaheadKV(fresh.to(next(module.parameters()).device).eval(), window_votes=0)
+
+
 FULL = "full"
+MODULE_CONTROLS = {
+    "lookaheadkv-rows": lambda module, model: LookaheadKV(module, window_votes=0),
+    "lookaheadkv-paper": lambda module, model: LookaheadKV.paper(module),
+    "lookaheadkv-untrained": untrained_rows,
+}
+# Every name that needs a lookahead module.
+MODULE_POLICIES = ("lookaheadkv", *MODULE_CONTROLS, "lookaheadkv-kvpress")
 CONTROLS = {
     "snapkv-lkvpool": lambda: SnapKV(pool_kernel=LOOKAHEAD_POOL_KERNEL, pool_type=LOOKAHEAD_POOL_TYPE),
     SnapKVWithLookaheadConfig.name: SnapKVWithLookaheadConfig,
@@ -58,7 +75,7 @@ CONTROLS = {
 PEER_POLICIES = tuple(PRESSES)
 # Every name the evaluation runs: the full cache, the runtime's registered policies (in registration
 # order), the controls, the kvpress peers.
-ALL_POLICIES = (FULL, *POLICIES, *CONTROLS, *PEER_POLICIES)
+ALL_POLICIES = (FULL, *POLICIES, *CONTROLS, *MODULE_CONTROLS, *PEER_POLICIES)
 
 
 def load_lookahead(model, module_dir: str | Path | None = None) -> tuple[LookaheadModule, Path]:
@@ -70,12 +87,14 @@ def parse_policies(text: str) -> list[str]:
     return parse_names(text, ALL_POLICIES, "policies")
 
 
-def build_policy(name: str, module: LookaheadModule | None):
-    """A runtime Policy for `name` (not for "full" or kvpress peers)."""
+def build_policy(name: str, module: LookaheadModule | None, model=None):
+    """A runtime Policy for `name` (not for "full" or kvpress peers); `model` for lookaheadkv-untrained."""
+    if name in MODULE_POLICIES and module is None:
+        raise ValueError(f"the {name} policy needs a lookahead module")
     if name == "lookaheadkv":
-        if module is None:
-            raise ValueError("the lookaheadkv policy needs a lookahead module")
         return LookaheadKV(module)
+    if name in MODULE_CONTROLS:
+        return MODULE_CONTROLS[name](module, model)
     if name in CONTROLS:
         return CONTROLS[name]()
     return make_policy(name)

@@ -1,7 +1,8 @@
 """`lookaheadkv train`: generate prompts, teacher answers and targets, then train a lookahead module.
 
-Every stage resumes: teacher records already on disk are reused, and training continues from the
-checkpoint in --out (unless --fresh). The trained module lands in OUT/module (load it with
+Every stage resumes: teacher answers already on disk (DATA_DIR/answers.jsonl, token ids only) are
+reused, and training continues from the checkpoint in --out (unless --fresh). Targets and prompt K/V
+are recomputed from the stored answers as training reaches each chunk of prompts. The trained module lands in OUT/module (load it with
 `LookaheadModule.load`), with OUT/history.json (losses, validations) and OUT/run.json (the command,
 settings, wall times and hardware).
 """
@@ -9,6 +10,7 @@ settings, wall times and hardware).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -23,7 +25,7 @@ import torch
 from ..argtypes import CommandParser, load_errors_reported, model_source, nonnegative_int, positive_int, torch_device
 from ..runtime.models import cache_dir, config_hash, load_model
 from .data import make_samples
-from .teacher import build_records
+from .teacher import AnswerStore, TeacherSource, encode_samples
 from .trainer import TrainConfig, Trainer
 
 
@@ -37,7 +39,9 @@ def _parser() -> CommandParser:
         help="'smollm2' (embedded, the default) or a local HF checkpoint directory",
     )
     p.add_argument("--out", required=True, help="run directory: checkpoint, final module, history")
-    p.add_argument("--data-dir", help="teacher records (default: the runtime cache dir, keyed by model and recipe)")
+    p.add_argument(
+        "--data-dir", help="teacher answers (default: the runtime cache dir, keyed by model and teacher settings)"
+    )
     p.add_argument(
         "--device",
         type=torch_device,
@@ -59,6 +63,18 @@ def _parser() -> CommandParser:
         "--max-tokens", type=positive_int, default=1024, help="longest document, in tokens (default: %(default)s)"
     )
     data.add_argument(
+        "--short-max",
+        type=positive_int,
+        help="draw most documents from [--min-tokens, this] and a --long-share of them log-uniformly "
+        "from [this, --max-tokens] (default: all uniform in [--min-tokens, --max-tokens])",
+    )
+    data.add_argument(
+        "--long-share",
+        type=float,
+        default=0.0,
+        help="share of documents longer than --short-max (default: %(default)s)",
+    )
+    data.add_argument(
         "--answer-tokens",
         type=positive_int,
         default=64,
@@ -68,7 +84,14 @@ def _parser() -> CommandParser:
         "--teacher-batch",
         type=positive_int,
         default=8,
-        help="prompts answered together by the teacher (default: %(default)s)",
+        help="prompts decoded together by the teacher (default: %(default)s)",
+    )
+    data.add_argument(
+        "--teacher-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="dtype of the teacher's prefill and decoding (the prompt K/V the rows attend to in training); "
+        "the module always trains in float32 (default: %(default)s)",
     )
     data.add_argument("--data-seed", type=int, default=0, help="seed of the prompts (default: %(default)s)")
     train = p.add_argument_group("training")
@@ -77,6 +100,17 @@ def _parser() -> CommandParser:
     )
     train.add_argument(
         "--batch-size", type=positive_int, default=defaults.batch_size, help="prompts per step (default: %(default)s)"
+    )
+    train.add_argument(
+        "--chunk-prompts",
+        type=positive_int,
+        help="prompts prefilled together, whose K/V serve --reuse steps each (default: --batch-size)",
+    )
+    train.add_argument(
+        "--reuse",
+        type=positive_int,
+        default=defaults.reuse,
+        help="steps each prefilled prompt serves (default: %(default)s)",
     )
     train.add_argument(
         "--lr", type=float, default=defaults.lr, help="peak learning rate (AdamW) (default: %(default)s)"
@@ -155,6 +189,10 @@ def parse_args(argv) -> tuple[argparse.Namespace, TrainConfig]:
     args = parser.parse_args(argv)
     if args.min_tokens > args.max_tokens:
         parser.error(f"--min-tokens {args.min_tokens} exceeds --max-tokens {args.max_tokens}")
+    if args.short_max is not None and not args.min_tokens <= args.short_max <= args.max_tokens:
+        parser.error(f"--short-max {args.short_max} is outside [--min-tokens, --max-tokens]")
+    if not 0 <= args.long_share <= 1 or (args.long_share and args.short_max is None):
+        parser.error(f"--long-share {args.long_share}: needs --short-max and a value in [0, 1]")
     try:
         config = TrainConfig(
             steps=args.steps,
@@ -173,6 +211,8 @@ def parse_args(argv) -> tuple[argparse.Namespace, TrainConfig]:
             recent=args.recent,
             pool_kernel=args.pool_kernel,
             pool_type=args.pool_type,
+            chunk_prompts=args.chunk_prompts,
+            reuse=args.reuse,
         )
     except ValueError as error:
         parser.error(str(error))
@@ -180,7 +220,8 @@ def parse_args(argv) -> tuple[argparse.Namespace, TrainConfig]:
 
 
 def default_data_dir(model, args) -> Path:
-    recipe = f"seed{args.data_seed}-tok{args.min_tokens}-{args.max_tokens}-ans{args.answer_tokens}"
+    # Answers are keyed by prompt (key and ids), so one file serves every length recipe.
+    recipe = f"answers-ans{args.answer_tokens}-{args.teacher_dtype}"
     return cache_dir() / "training" / config_hash(model.config) / recipe
 
 
@@ -195,15 +236,28 @@ def main(argv=None) -> int:
         return len(tokenizer(text, add_special_tokens=False).input_ids)
 
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir(model, args)
-    lengths = dict(min_tokens=args.min_tokens, max_tokens=args.max_tokens, seed=args.data_seed)
+    lengths = dict(
+        min_tokens=args.min_tokens,
+        max_tokens=args.max_tokens,
+        seed=args.data_seed,
+        short_max=args.short_max,
+        long_share=args.long_share,
+    )
     train_samples = make_samples("train", args.train_samples, count_tokens, **lengths)
     val_samples = make_samples("heldout", args.val_samples, count_tokens, **lengths)
+    teacher_model = model if args.teacher_dtype == "float32" else copy.deepcopy(model).to(torch.bfloat16)
+    store = AnswerStore(data_dir / "answers.jsonl")
     teacher = dict(max_new_tokens=args.answer_tokens, batch_size=args.teacher_batch)
-    val_paths = build_records(model, tokenizer, val_samples, data_dir, **teacher)
-    train_paths = build_records(model, tokenizer, train_samples, data_dir, **teacher)
+    train = TeacherSource(teacher_model, encode_samples(tokenizer, train_samples), store, **teacher)
+    val = TeacherSource(teacher_model, encode_samples(tokenizer, val_samples), store, **teacher)
+    print(
+        f"{len(train)} training and {len(val)} held-out prompts; {len(store)} teacher answers stored in {store.path}",
+        file=sys.stderr,
+    )
+    val_records = val.records(list(range(len(val))))
     teacher_done = time.time()
 
-    trainer = Trainer(model, train_paths, val_paths, args.out, config, device=args.device)
+    trainer = Trainer(model, train, val_records, args.out, config, device=args.device)
     if not args.fresh and trainer.load_checkpoint():
         print(f"resuming from {trainer.checkpoint_path} at step {trainer.step}", file=sys.stderr)
     trainer.run()
@@ -213,8 +267,13 @@ def main(argv=None) -> int:
         "settings": vars(args),
         "train_config": asdict(config),
         "data_dir": str(data_dir),
-        "teacher_seconds_this_invocation": round(teacher_done - started, 1),
+        "validation_prompts_seconds_this_invocation": round(teacher_done - started, 1),
         "train_seconds_total": round(trainer.history.seconds, 1),
+        "prepare_seconds_total": round(trainer.history.prepare_seconds, 1),
+        "prompt_tokens": {
+            "train_mean": round(sum(p.ids.shape[0] for p in train.prompts) / len(train), 1),
+            "train_max": max(p.ids.shape[0] for p in train.prompts),
+        },
         "final_validation": trainer.history.validations[-1] if trainer.history.validations else None,
         "hardware": {
             "device": args.device,

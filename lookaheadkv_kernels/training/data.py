@@ -27,6 +27,7 @@ module with a training prompt. A sample is fully determined by (split, index, se
 from __future__ import annotations
 
 import gzip
+import math
 import random
 import re
 from collections.abc import Callable, Iterator
@@ -418,20 +419,33 @@ def make_samples(
     max_tokens: int = 1024,
     seed: int = 0,
     start: int = 0,
+    short_max: int | None = None,
+    long_share: float = 0.0,
 ) -> list[Sample]:
     """`count` prompts of `split` (indices start..start+count-1), tasks cycling through TASKS.
 
-    Each document grows to a length drawn uniformly from [min_tokens, max_tokens] tokens as
-    measured by `count_tokens` (the target model's tokenizer, without the chat template).
+    Each document grows to a length, in tokens as measured by `count_tokens` (the target model's
+    tokenizer, without the chat template), drawn uniformly from [min_tokens, max_tokens]; or, with
+    `short_max`, from [min_tokens, short_max] uniformly and, for a `long_share` of the prompts,
+    log-uniformly from [short_max, max_tokens] (long prompts cost most of a training run's time).
     """
     _check_split(split)
     if not 1 <= min_tokens <= max_tokens:
         raise ValueError(f"need 1 <= min_tokens <= max_tokens, got {min_tokens}, {max_tokens}")
+    if short_max is not None and not (min_tokens <= short_max <= max_tokens and 0 <= long_share <= 1):
+        raise ValueError(
+            f"need min_tokens <= short_max <= max_tokens and 0 <= long_share <= 1, got {short_max}, {long_share}"
+        )
     names = list(TASKS)
     samples = []
     for index in range(start, start + count):
         rng = random.Random((SPLIT_OFFSET[split] + seed) * 1_000_003 + index)
         task = names[index % len(names)]
-        target = rng.randint(min_tokens, max_tokens)
+        if short_max is None:
+            target = rng.randint(min_tokens, max_tokens)
+        elif rng.random() < long_share:
+            target = round(math.exp(rng.uniform(math.log(short_max), math.log(max_tokens))))
+        else:
+            target = rng.randint(min_tokens, short_max)
         samples.append(Sample(split, index, task, TASKS[task](rng, split, target, count_tokens), target))
     return samples

@@ -1,14 +1,19 @@
 """Teacher answers: the base model's own greedy full-cache answer to each prompt, with its targets.
 
-Each sample becomes one safetensors record on disk, written once (atomically) and reused: building
-a set of records skips the ones already present, so an interrupted build resumes where it stopped.
-A record holds the chat-formatted prompt ids, the greedy answer ids, the per-layer importance target
-(targets.answer_importance) and, for training records, the prompt's K/V in float16 so that a
-training step never re-runs the prefill.
+Training keeps only the answers on disk (`AnswerStore`: token ids, a JSON line per prompt, tiny) and
+recomputes everything else when a prompt is used (`TeacherSource`): one prefill of the prompt, whose
+K/V serve the training steps (the LoRA acts on the lookahead rows only, so the prompt's K/V never
+change), and one teacher-forced pass of the stored answer over that cache for the target
+(targets.answer_importance). Decoding, the expensive part, happens once per prompt.
+
+`build_records` writes whole records (ids, answer, target, optional K/V) as safetensors files,
+atomically and resumably; the held-out report reads those.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -24,8 +29,6 @@ from ..runtime.eviction import encode_prompt, eos_ids
 from .data import Sample
 from .targets import answer_importance
 
-KV_DTYPE = torch.float16  # the stored prompt K/V: half the disk of float32; SmolLM2's |K|,|V| stay below 25
-
 
 @dataclass
 class TeacherRecord:
@@ -34,7 +37,7 @@ class TeacherRecord:
     prompt_ids: torch.Tensor  # [P] int64
     answer_ids: torch.Tensor  # [A] int64
     importance: torch.Tensor  # [L, Hkv, P] float32, each row sums to 1
-    keys: torch.Tensor | None  # [L, Hkv, P, D] KV_DTYPE, when stored
+    keys: torch.Tensor | None  # [L, Hkv, P, D] in the teacher's dtype, when kept
     values: torch.Tensor | None
 
     @property
@@ -51,46 +54,91 @@ class TeacherRecord:
 
 @torch.no_grad()
 def teach(
-    model, prompts: list[torch.Tensor], max_new_tokens: int, *, store_kv: bool = True
+    model,
+    prompts: list[torch.Tensor],
+    max_new_tokens: int,
+    *,
+    answers: list[torch.Tensor | None] | None = None,
+    store_kv: bool = True,
 ) -> list[dict[str, torch.Tensor]]:
-    """The tensors of one record per prompt (1-D id tensors): greedy answer, importance, optional prompt K/V.
+    """The tensors of one record per prompt (1-D id tensors): answer, importance, optional prompt K/V.
 
-    The prompts are answered together (left-padded; the attention mask keeps every prompt's
-    positions 0..P-1 and hides the padding), which amortises the decoding steps. An answer ends at
-    its first EOS, included, as in single-prompt `generate`. Each prompt's K/V is then cut out of
-    the batch cache and its target computed on its own.
+    Each prompt is prefilled on its own (no padding: the prefill is most of the cost, and a padded
+    batch would run the masked attention path). `answers[i]`, when given, is prompt i's stored teacher
+    answer; the others are decoded greedily together (`greedy_answers`). The target is then computed
+    by running each answer over its prompt's cache (teacher forcing). K/V stay in the model's dtype.
     """
     device = next(model.parameters()).device
-    eos = eos_ids(model)
-    pad = model.generation_config.pad_token_id
-    pad = next(iter(eos)) if pad is None else pad
-    longest = max(int(p.shape[0]) for p in prompts)
-    ids = torch.full((len(prompts), longest), pad, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, longest - prompt.shape[0] :] = prompt
-        mask[row, longest - prompt.shape[0] :] = 1
-    out = model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True
-    )
-    batch_cache = out.past_key_values
-    records = []
-    for row, prompt in enumerate(prompts):
-        answer = _until_eos(out.sequences[row, longest:], eos)
-        start = longest - prompt.shape[0]
+    answers = list(answers) if answers is not None else [None] * len(prompts)
+    if len(answers) != len(prompts):
+        raise ValueError(f"got {len(answers)} answers for {len(prompts)} prompts")
+    caches, first_tokens = [], []
+    for prompt in prompts:
         cache = DynamicCache()
-        for idx, layer in enumerate(batch_cache.layers):
-            cache.update(
-                layer.keys[row : row + 1, :, start:longest], layer.values[row : row + 1, :, start:longest], idx
-            )
+        out = model(input_ids=prompt[None].to(device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        caches.append(cache)
+        first_tokens.append(out.logits[0, -1].argmax())
+    todo = [i for i, answer in enumerate(answers) if answer is None]
+    if todo:
+        decoded = greedy_answers(
+            model, [caches[i] for i in todo], torch.stack([first_tokens[i] for i in todo]), max_new_tokens
+        )
+        for i, answer in zip(todo, decoded):
+            answers[i] = answer
+    records = []
+    for prompt, cache, answer in zip(prompts, caches, answers):
         tensors = {"prompt_ids": prompt.cpu(), "answer_ids": answer.cpu()}
-        if store_kv:
-            tensors["keys"] = torch.stack([layer.keys[0] for layer in cache.layers]).to("cpu", KV_DTYPE)
-            tensors["values"] = torch.stack([layer.values[0] for layer in cache.layers]).to("cpu", KV_DTYPE)
-        importance = answer_importance(model, cache, answer[None])
+        if store_kv:  # the cache grows by the answer below; these are the prompt's own tensors
+            tensors["keys"] = torch.stack([layer.keys[0] for layer in cache.layers]).cpu()
+            tensors["values"] = torch.stack([layer.values[0] for layer in cache.layers]).cpu()
+        importance = answer_importance(model, cache, answer[None].to(device))
         tensors["importance"] = torch.stack([s[0] for s in importance]).float().cpu()
         records.append(tensors)
     return records
+
+
+@torch.no_grad()
+def greedy_answers(model, caches: list, first_tokens: torch.Tensor, max_new_tokens: int) -> list[torch.Tensor]:
+    """The greedy continuation of each prompt cache, decoded as one left-padded batch.
+
+    `first_tokens` [B] are the argmax of each prefill's last logits. The prompts' caches are copied
+    into one batch cache (left padding, masked); every row keeps its true positions. An answer ends
+    at its first EOS, included, or after `max_new_tokens` tokens. The caches are not modified.
+    """
+    device = first_tokens.device
+    eos = eos_ids(model)
+    lengths = torch.tensor([cache.get_seq_length() for cache in caches], device=device)
+    longest = int(lengths.max())
+    batch = DynamicCache()
+    for idx in range(len(caches[0].layers)):
+        reference = caches[0].layers[idx].keys
+        keys = reference.new_zeros(len(caches), reference.shape[1], longest, reference.shape[3])
+        values = torch.zeros_like(keys)
+        for row, cache in enumerate(caches):
+            n = cache.layers[idx].keys.shape[2]
+            keys[row, :, longest - n :] = cache.layers[idx].keys[0]
+            values[row, :, longest - n :] = cache.layers[idx].values[0]
+        batch.update(keys, values, idx)
+    mask = (torch.arange(longest, device=device)[None] >= (longest - lengths)[:, None]).long()
+    tokens = first_tokens.clone()
+    generated = [tokens]
+    done = torch.tensor([int(t) in eos for t in tokens.tolist()], device=device)
+    for step in range(1, max_new_tokens):
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, mask.new_ones(len(caches), 1)], dim=1)
+        logits = model(
+            input_ids=tokens[:, None],
+            attention_mask=mask,
+            position_ids=(lengths + step - 1)[:, None],
+            past_key_values=batch,
+            use_cache=True,
+        ).logits[:, -1]
+        tokens = logits.argmax(dim=-1)
+        generated.append(tokens)
+        done |= torch.tensor([int(t) in eos for t in tokens.tolist()], device=device)
+    sequences = torch.stack(generated, dim=1)
+    return [_until_eos(row, eos) for row in sequences]
 
 
 def _until_eos(tokens: torch.Tensor, eos: set[int]) -> torch.Tensor:
@@ -98,6 +146,90 @@ def _until_eos(tokens: torch.Tensor, eos: set[int]) -> torch.Tensor:
         if token in eos:
             return tokens[: i + 1]
     return tokens
+
+
+class AnswerStore:
+    """Teacher answers by prompt key, in a JSON-lines file: {"key", "prompt_sha256", "answer_ids"}.
+
+    Appended as answers are decoded (an interrupted run keeps every finished line); an answer is
+    returned only for the exact prompt ids it was decoded from, so a changed prompt is answered again.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._answers: dict[str, tuple[str, list[int]]] = {}
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by an interruption
+                    continue
+                self._answers[entry["key"]] = (entry["prompt_sha256"], entry["answer_ids"])
+
+    def __len__(self) -> int:
+        return len(self._answers)
+
+    @staticmethod
+    def prompt_hash(prompt_ids: torch.Tensor) -> str:
+        return hashlib.sha256(prompt_ids.to(torch.int64).cpu().numpy().tobytes()).hexdigest()
+
+    def get(self, key: str, prompt_ids: torch.Tensor) -> torch.Tensor | None:
+        found = self._answers.get(key)
+        if found is None or found[0] != self.prompt_hash(prompt_ids):
+            return None
+        return torch.tensor(found[1], dtype=torch.long)
+
+    def add(self, key: str, prompt_ids: torch.Tensor, answer_ids: torch.Tensor) -> None:
+        entry = {"key": key, "prompt_sha256": self.prompt_hash(prompt_ids), "answer_ids": answer_ids.tolist()}
+        self._answers[key] = (entry["prompt_sha256"], entry["answer_ids"])
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    key: str
+    task: str
+    ids: torch.Tensor  # [P] int64, chat-formatted
+
+
+class TeacherSource:
+    """Records of `prompts` made on demand: stored answers reused, missing ones decoded and stored.
+
+    `records(indices)` prefills each prompt once with `model` (which may be a lower-precision copy
+    of the trained model: the teacher's K/V and answers do not depend on the lookahead module),
+    decodes the prompts without a stored answer `batch_size` at a time, and returns the records with
+    their prompt K/V, in the order of `indices`.
+    """
+
+    def __init__(self, model, prompts: list[Prompt], store: AnswerStore, *, max_new_tokens: int, batch_size: int = 8):
+        self.model, self.prompts, self.store = model, prompts, store
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def records(self, indices: list[int]) -> list[TeacherRecord]:
+        made: dict[int, TeacherRecord] = {}
+        # Prompts of similar length decode together: the batch pads to its longest.
+        unique = sorted(set(indices), key=lambda i: self.prompts[i].ids.shape[0])
+        for first in range(0, len(unique), self.batch_size):
+            chunk = [self.prompts[i] for i in unique[first : first + self.batch_size]]
+            stored = [self.store.get(p.key, p.ids) for p in chunk]
+            tensors = teach(self.model, [p.ids for p in chunk], self.max_new_tokens, answers=stored)
+            for i, prompt, answer, t in zip(unique[first : first + self.batch_size], chunk, stored, tensors):
+                if answer is None:
+                    self.store.add(prompt.key, prompt.ids, t["answer_ids"])
+                made[i] = TeacherRecord(
+                    prompt.key, prompt.task, t["prompt_ids"], t["answer_ids"], t["importance"], t["keys"], t["values"]
+                )
+        return [made[i] for i in indices]
+
+
+def encode_samples(tokenizer, samples: list[Sample]) -> list[Prompt]:
+    """The chat-formatted prompt ids of each sample, as the teacher and the runtime encode them."""
+    return [Prompt(s.key, s.task, encode_prompt(tokenizer, s.prompt, None, "cpu")[0]) for s in samples]
 
 
 def record_path(directory: str | Path, sample: Sample) -> Path:

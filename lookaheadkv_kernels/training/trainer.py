@@ -2,7 +2,7 @@
 
 Loss of one prompt: KL(true ‖ predicted) averaged over layers and KV heads, where predicted is the
 lookahead rows' scores of the prompt keys (`lookahead_stream`, GQA mean — what the LookaheadKV
-policy scores with). The base model is frozen; the prompt's K/V come from the record (computed once
+policy scores with). The base model is frozen; the prompt's K/V come from the record (one prefill
 without gradients), so gradients reach only the lookahead embeddings and LoRA, through the lookahead
 rows. The first `num_sink` keys (default: the policy's 4 protected sinks) and the last `recent` keys
 (default 0) — kept by the LookaheadKV policy whatever their score — are left out, and both
@@ -11,9 +11,12 @@ ranks by smoothed scores too) and renormalised, so the loss spends itself on the
 (docs/tuning.md). A batch averages the loss of `batch_size` prompts (one at a time: prompts differ in
 length).
 
+Prompts are prepared `chunk_prompts` at a time (`TeacherSource.records`: one prefill each) and each
+prepared prompt serves `reuse` steps of its chunk, so a prefill is paid once per `reuse` uses.
+
 AdamW with linear warm-up then cosine decay to `final_lr_ratio`, gradient-norm clipping. The order
 of the records is a pure function of (seed, step), so a checkpoint (module, optimizer, scheduler,
-step, history) resumes to exactly the state an uninterrupted run reaches.
+step, history) resumes to exactly the state an uninterrupted run reaches, mid-chunk included.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from tqdm.auto import tqdm
 from ..runtime.lookahead import LookaheadModule, lookahead_stream
 from ..runtime.policies import DEFAULT_NUM_SINK
 from .targets import kl_divergence, normalise, topk_recall
-from .teacher import TeacherRecord, load_record
+from .teacher import TeacherRecord
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -60,9 +63,13 @@ class TrainConfig:
     # (docs/tuning.md).
     pool_kernel: int = 5
     pool_type: str = "avg"
+    chunk_prompts: int | None = None  # prompts prepared together (default: batch_size)
+    reuse: int = 1  # steps of its chunk each prepared prompt serves
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "n_lookahead", "rank"):
+        if self.chunk_prompts is None:
+            self.chunk_prompts = self.batch_size
+        for name in ("steps", "batch_size", "n_lookahead", "rank", "chunk_prompts", "reuse"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -75,7 +82,15 @@ class TrainConfig:
             )
         if not (self.lr > 0 and 0 <= self.final_lr_ratio <= 1 and self.clip_norm > 0):
             raise ValueError("need lr > 0, 0 <= final_lr_ratio <= 1 and clip_norm > 0")
+        if self.chunk_prompts * self.reuse % self.batch_size:
+            raise ValueError(
+                f"chunk_prompts x reuse ({self.chunk_prompts} x {self.reuse}) must be a multiple of batch_size ({self.batch_size})"
+            )
         self.budgets = tuple(int(b) for b in self.budgets)
+
+    @property
+    def steps_per_chunk(self) -> int:
+        return self.chunk_prompts * self.reuse // self.batch_size
 
 
 def pool(scores: torch.Tensor, config: TrainConfig) -> torch.Tensor:
@@ -151,6 +166,26 @@ def record_order(num_records: int, seed: int, step: int, batch_size: int) -> lis
     ]
 
 
+def step_batch(num_records: int, config: TrainConfig, step: int) -> tuple[int, list[int], list[int]]:
+    """(chunk number, the chunk's record indices, the positions in the chunk of `step`'s batch).
+
+    Chunk k is `record_order(..., k, chunk_prompts)`; its steps go through it `reuse` times, the
+    first time in order, then in permutations seeded by (seed, k, pass).
+    """
+    chunk = step // config.steps_per_chunk
+    indices = record_order(num_records, config.seed, chunk, config.chunk_prompts)
+    positions = []
+    for flat in range(
+        (step % config.steps_per_chunk) * config.batch_size, (step % config.steps_per_chunk + 1) * config.batch_size
+    ):
+        rerun, position = divmod(flat, config.chunk_prompts)
+        if rerun:
+            generator = torch.Generator().manual_seed((config.seed * 100_003 + chunk) * 1_009 + rerun)
+            position = int(torch.randperm(config.chunk_prompts, generator=generator)[position])
+        positions.append(position)
+    return chunk, indices, positions
+
+
 def lr_factor(step: int, config: TrainConfig) -> float:
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
@@ -163,23 +198,26 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 class History:
     losses: list[float] = field(default_factory=list)  # per step, the batch's mean loss
     validations: list[dict] = field(default_factory=list)  # {"step", "kl", "recall@b", ...}
-    seconds: float = 0.0  # training wall time, summed over resumed runs
+    seconds: float = 0.0  # training wall time (steps and preparing the prompts), summed over resumed runs
+    prepare_seconds: float = 0.0  # of which preparing prompts (prefill, decoding, targets)
 
 
 class Trainer:
-    """Trains `module` (a new LookaheadModule from `config` unless given) on teacher records.
+    """Trains a new LookaheadModule (from `config`) on teacher records.
 
-    `train_paths` / `val_paths`: record files with stored K/V. `out_dir` receives the checkpoint,
-    the final module (`out_dir/module`) and `history.json`.
+    `train`: a `teacher.TeacherSource` (or anything with `len()` and `records(indices)` returning
+    TeacherRecords with their prompt K/V); `val_records`: held-out TeacherRecords with K/V.
+    `out_dir` receives the checkpoint, the final module (`out_dir/module`) and `history.json`.
     """
 
-    def __init__(self, model, train_paths, val_paths, out_dir, config: TrainConfig, *, device=None, progress=True):
-        if not train_paths:
+    def __init__(self, model, train, val_records, out_dir, config: TrainConfig, *, device=None, progress=True):
+        if not len(train):
             raise ValueError("no training records")
         self.model, self.config, self.progress = model, config, progress
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.train_paths = [Path(p) for p in train_paths]
-        self.val_records = [load_record(p) for p in val_paths]
+        self.train = train
+        self.val_records = list(val_records)
+        self._chunk: tuple[int, list[TeacherRecord]] | None = None
         self.out_dir = Path(out_dir)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -242,17 +280,22 @@ class Trainer:
         """One optimizer step on the batch of `self.step`; returns its mean loss (before the update)."""
         self.module.train()
         self.optimizer.zero_grad(set_to_none=True)
-        indices = record_order(len(self.train_paths), self.config.seed, self.step, self.config.batch_size)
+        chunk, indices, positions = step_batch(len(self.train), self.config, self.step)
+        if self._chunk is None or self._chunk[0] != chunk:
+            self._chunk = None  # free the previous chunk's K/V first
+            start = time.perf_counter()
+            self._chunk = (chunk, self.train.records(indices))
+            self.history.prepare_seconds += time.perf_counter() - start
         total = 0.0
-        for i in indices:
-            loss = record_loss(self.model, self.module, load_record(self.train_paths[i]), self.config, self.device)
-            (loss / len(indices)).backward()
+        for position in positions:
+            loss = record_loss(self.model, self.module, self._chunk[1][position], self.config, self.device)
+            (loss / len(positions)).backward()
             total += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.config.clip_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        mean = total / len(indices)
+        mean = total / len(positions)
         self.history.losses.append(mean)
         return mean
 

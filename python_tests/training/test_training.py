@@ -32,7 +32,16 @@ from lookaheadkv_kernels.training import (  # noqa: E402
 )
 from lookaheadkv_kernels.training import data as data_module  # noqa: E402
 from lookaheadkv_kernels.training.targets import answer_importance  # noqa: E402
-from lookaheadkv_kernels.training.teacher import build_records, record_text, write_record  # noqa: E402
+from lookaheadkv_kernels.training.teacher import (  # noqa: E402
+    AnswerStore,
+    Prompt,
+    TeacherSource,
+    build_records,
+    greedy_answers,
+    record_text,
+    write_record,
+)
+from lookaheadkv_kernels.training.trainer import step_batch  # noqa: E402
 
 VOCAB = 96
 
@@ -132,7 +141,24 @@ def make_trainer(model, records, out_dir, **overrides):
         budgets=(8, 16),
     )
     settings.update(overrides)
-    return Trainer(model, records[0], records[1], out_dir, TrainConfig(**settings), progress=False)
+    return Trainer(
+        model,
+        stored_source(model, records[0], out_dir / "answers.jsonl"),
+        [load_record(p) for p in records[1]],
+        out_dir,
+        TrainConfig(**settings),
+        progress=False,
+    )
+
+
+def stored_source(model, paths, store_path):
+    """A TeacherSource over the records' prompts whose answers are already stored (nothing decoded)."""
+    loaded = [load_record(p) for p in paths]
+    store = AnswerStore(store_path)
+    for r in loaded:
+        store.add(r.key, r.prompt_ids, r.answer_ids)
+    prompts = [Prompt(r.key, r.task, r.prompt_ids) for r in loaded]
+    return TeacherSource(model, prompts, store, max_new_tokens=6, batch_size=4)
 
 
 def test_one_step_lowers_the_loss_on_a_fixed_batch(model, records, tmp_path):
@@ -176,14 +202,15 @@ def test_base_weights_bit_identical_after_training(model, records, tmp_path):
     assert (tmp_path / "history.json").is_file()
 
 
-def test_checkpoint_resume_equals_uninterrupted_run(model, records, tmp_path):
-    straight = make_trainer(model, records, tmp_path / "straight")
+@pytest.mark.parametrize("chunking", [{}, dict(chunk_prompts=6, reuse=2)], ids=["chunk=batch", "chunk6-reuse2"])
+def test_checkpoint_resume_equals_uninterrupted_run(model, records, tmp_path, chunking):
+    straight = make_trainer(model, records, tmp_path / "straight", **chunking)
     straight.run()
 
-    first = make_trainer(model, records, tmp_path / "resumed")
-    first.run(until=2)  # interrupted after step 2; run() checkpoints where it stops
-    resumed = make_trainer(model, records, tmp_path / "resumed")
-    assert resumed.load_checkpoint() and resumed.step == 2
+    first = make_trainer(model, records, tmp_path / "resumed", **chunking)
+    first.run(until=1)  # interrupted after step 1 (mid-chunk with chunk6-reuse2); run() checkpoints where it stops
+    resumed = make_trainer(model, records, tmp_path / "resumed", **chunking)
+    assert resumed.load_checkpoint() and resumed.step == 1
     resumed.run()
 
     for (name, a), (_, b) in zip(straight.module.state_dict().items(), resumed.module.state_dict().items()):
@@ -400,9 +427,10 @@ def test_train_command_end_to_end(tmp_path, monkeypatch):
     assert run["command"].startswith("lookaheadkv train --model")
     assert len(json.loads((tmp_path / "run" / "history.json").read_text())["losses"]) == 2
     assert (tmp_path / "run" / "module" / "lookahead_config.json").is_file()
-    records = sorted((tmp_path / "cache" / "training").rglob("*.safetensors"))
-    assert len(records) == 4  # 3 training + 1 held-out, answered once and kept for a resumed run
+    [answers] = (tmp_path / "cache" / "training").rglob("answers.jsonl")
+    assert len(answers.read_text().splitlines()) == 4  # 3 training + 1 held-out, decoded once, kept for a resumed run
     assert main(args) == 0  # everything reused: the checkpoint is at the last step already
+    assert len(answers.read_text().splitlines()) == 4
 
 
 def test_report_scores_a_module_on_the_saved_prompt_kv(model):
@@ -451,8 +479,97 @@ def test_report_kl_is_the_training_loss(model, records, tmp_path):
     [row] = evaluate(model, records[0][:1], {}, {"lookaheadkv": module}, (8,), tmp_path, progress=False)
     with torch.no_grad():
         loss = record_loss(model, module, load_record(records[0][0]), TrainConfig(), "cpu")
-    # The report scores on its own float32 prefill, the trainer on the record's float16 K/V.
+    # The report scores on its own prefill, the trainer on the record's K/V: both float32 here.
     assert row["kl"]["lookaheadkv"] == pytest.approx(float(loss), rel=2e-3)
+
+
+def test_stored_answers_give_the_decoded_records(model):
+    prompts = random_prompts([25, 41, 33], seed=9)
+    decoded = teach(model, prompts, 8)
+    stored = teach(model, prompts, 8, answers=[decoded[0]["answer_ids"], None, decoded[2]["answer_ids"]])
+    for a, b in zip(decoded, stored):
+        assert torch.equal(a["answer_ids"], b["answer_ids"])
+        torch.testing.assert_close(a["importance"], b["importance"], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(a["keys"], b["keys"])
+
+
+def test_greedy_answers_leave_the_prompt_caches_untouched(model):
+    prompts = random_prompts([12, 19], seed=11)
+    caches, first = [], []
+    with torch.no_grad():
+        for prompt in prompts:
+            cache = DynamicCache()
+            first.append(model(input_ids=prompt[None], past_key_values=cache, use_cache=True).logits[0, -1].argmax())
+            caches.append(cache)
+        answers = greedy_answers(model, caches, torch.stack(first), 5)
+    assert [c.get_seq_length() for c in caches] == [12, 19]
+    for prompt, answer in zip(prompts, answers):  # each equals HF's own greedy decoding of the prompt alone
+        with torch.no_grad():
+            expected = model.generate(input_ids=prompt[None], max_new_tokens=5, do_sample=False)[0, prompt.numel() :]
+        assert torch.equal(answer, expected)
+
+
+def test_answer_store_keys_answers_by_prompt_and_survives_a_cut_line(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    store = AnswerStore(path)
+    prompt = torch.tensor([5, 6, 7])
+    store.add("a", prompt, torch.tensor([9, 1]))
+    with path.open("a") as f:
+        f.write('{"key": "b", "prompt_sha')  # an interrupted append
+    reopened = AnswerStore(path)
+    assert len(reopened) == 1
+    assert torch.equal(reopened.get("a", prompt), torch.tensor([9, 1]))
+    assert reopened.get("a", torch.tensor([5, 6, 8])) is None  # another prompt under the same key
+    assert reopened.get("b", prompt) is None
+
+
+def test_teacher_source_decodes_each_prompt_once(model, tmp_path, monkeypatch):
+    from lookaheadkv_kernels.training import teacher as teacher_module
+
+    calls = []
+    real = teacher_module.greedy_answers
+    monkeypatch.setattr(teacher_module, "greedy_answers", lambda m, c, *a: calls.append(len(c)) or real(m, c, *a))
+    prompts = [Prompt(f"p{i}", "random", ids) for i, ids in enumerate(random_prompts([20, 31, 26], seed=4))]
+    source = TeacherSource(model, prompts, AnswerStore(tmp_path / "a.jsonl"), max_new_tokens=4, batch_size=2)
+    first = source.records([2, 0])
+    assert [r.key for r in first] == ["p2", "p0"] and sum(calls) == 2
+    again = TeacherSource(model, prompts, AnswerStore(tmp_path / "a.jsonl"), max_new_tokens=4, batch_size=2)
+    second = again.records([0, 1, 2])
+    assert sum(calls) == 3  # only p1 was decoded; p0 and p2 came from the file
+    assert torch.equal(second[0].answer_ids, first[1].answer_ids)
+    torch.testing.assert_close(second[2].importance, first[0].importance)
+
+
+def test_chunks_serve_reuse_steps_and_are_prepared_once(model, records, tmp_path):
+    config = TrainConfig(steps=8, batch_size=3, chunk_prompts=6, reuse=2, n_lookahead=4, rank=2)
+    assert config.steps_per_chunk == 4
+    for chunk in range(2):
+        batches = [step_batch(6, config, step) for step in range(4 * chunk, 4 * chunk + 4)]
+        assert {b[0] for b in batches} == {chunk} and all(b[1] == batches[0][1] for b in batches)
+        used = sorted(p for b in batches for p in b[2])
+        assert used == sorted(list(range(6)) * 2)  # every prompt of the chunk serves exactly `reuse` steps
+    trainer = make_trainer(model, records, tmp_path, steps=8, batch_size=3, chunk_prompts=6, reuse=2, eval_every=0)
+    prepared = []
+    records_of = trainer.train.records
+    trainer.train.records = lambda indices: prepared.append(list(indices)) or records_of(indices)
+    trainer.run()
+    assert len(prepared) == 2 and all(sorted(p) == list(range(6)) for p in prepared)
+
+
+def test_chunking_must_fill_whole_batches():
+    with pytest.raises(ValueError, match="chunk_prompts"):
+        TrainConfig(batch_size=4, chunk_prompts=6, reuse=1)
+
+
+def test_length_mix_draws_short_and_long_documents():
+    lengths = [
+        s.target_tokens
+        for s in make_samples("train", 200, words, min_tokens=100, max_tokens=800, short_max=150, long_share=0.25)
+    ]
+    assert all(100 <= n <= 800 for n in lengths)
+    assert 0.15 < sum(n > 150 for n in lengths) / len(lengths) < 0.35
+    with pytest.raises(ValueError, match="short_max"):
+        make_samples("train", 1, words, min_tokens=100, max_tokens=800, short_max=900)
 
 
 @pytest.mark.parametrize(
