@@ -268,6 +268,13 @@ def main(argv=None) -> int:
         help="trained lookahead module directory; without it only the module-free "
         "policies run (their rows are cached for the run with a module)",
     )
+    p.add_argument(
+        "--compare-module",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="another module to score beside --module, reported as NAME (repeatable)",
+    )
     p.add_argument("--model", default="smollm2")
     p.add_argument(
         "--out", required=True, help="markdown report path (a .json with every prompt's row is written next to it)"
@@ -330,6 +337,11 @@ def main(argv=None) -> int:
             .eval()
         )
         modules = {"lookaheadkv": trained, "lookaheadkv-untrained": untrained}
+        for spec in args.compare_module:
+            name, sep, directory = spec.partition("=")
+            if not sep or not name or not directory or name in modules or name in policies:
+                p.error(f"--compare-module {spec!r}: expected a new NAME=DIR")
+            modules[name] = LookaheadModule.load(directory, model).to(args.device).eval()
     work_dir = directory / "baselines"
     rows = evaluate(model, paths, policies, modules, args.budgets, work_dir)
     if not modules:

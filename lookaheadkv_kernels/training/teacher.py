@@ -23,11 +23,31 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from transformers import DynamicCache
+from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache, StaticCache
+from transformers.masking_utils import sdpa_mask
 
 from ..runtime.eviction import encode_prompt, eos_ids
 from .data import Sample
 from .targets import answer_importance
+
+
+GROUPED_SDPA = "lookaheadkv_grouped_sdpa"
+
+
+def _grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """torch's SDPA on the K/V heads as they are (enable_gqa). HF's SDPA path copies K/V once per query
+    head whenever a mask is given, which at every step of a padded batch decode copies the whole cache."""
+    if attention_mask is not None:
+        attention_mask = attention_mask[:, :, :, : key.shape[-2]]
+    causal = is_causal if is_causal is not None else query.shape[2] > 1 and attention_mask is None
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, scale=scaling, is_causal=causal, enable_gqa=True
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(GROUPED_SDPA, _grouped_sdpa)
+AttentionMaskInterface.register(GROUPED_SDPA, sdpa_mask)
 
 
 @dataclass
@@ -102,14 +122,15 @@ def greedy_answers(model, caches: list, first_tokens: torch.Tensor, max_new_toke
     """The greedy continuation of each prompt cache, decoded as one left-padded batch.
 
     `first_tokens` [B] are the argmax of each prefill's last logits. The prompts' caches are copied
-    into one batch cache (left padding, masked); every row keeps its true positions. An answer ends
-    at its first EOS, included, or after `max_new_tokens` tokens. The caches are not modified.
+    into one preallocated batch cache (left padding, masked; a growing cache would copy itself at
+    every step); every row keeps its true positions. An answer ends at its first EOS, included, or
+    after `max_new_tokens` tokens. The caches are not modified.
     """
     device = first_tokens.device
     eos = eos_ids(model)
     lengths = torch.tensor([cache.get_seq_length() for cache in caches], device=device)
     longest = int(lengths.max())
-    batch = DynamicCache()
+    batch = StaticCache(config=model.config, max_cache_len=longest + max_new_tokens)
     for idx in range(len(caches[0].layers)):
         reference = caches[0].layers[idx].keys
         keys = reference.new_zeros(len(caches), reference.shape[1], longest, reference.shape[3])
@@ -118,25 +139,31 @@ def greedy_answers(model, caches: list, first_tokens: torch.Tensor, max_new_toke
             n = cache.layers[idx].keys.shape[2]
             keys[row, :, longest - n :] = cache.layers[idx].keys[0]
             values[row, :, longest - n :] = cache.layers[idx].values[0]
-        batch.update(keys, values, idx)
+        batch.update(keys, values, idx, {"cache_position": torch.arange(longest, device=device)})
     mask = (torch.arange(longest, device=device)[None] >= (longest - lengths)[:, None]).long()
     tokens = first_tokens.clone()
     generated = [tokens]
     done = torch.tensor([int(t) in eos for t in tokens.tolist()], device=device)
-    for step in range(1, max_new_tokens):
-        if bool(done.all()):
-            break
-        mask = torch.cat([mask, mask.new_ones(len(caches), 1)], dim=1)
-        logits = model(
-            input_ids=tokens[:, None],
-            attention_mask=mask,
-            position_ids=(lengths + step - 1)[:, None],
-            past_key_values=batch,
-            use_cache=True,
-        ).logits[:, -1]
-        tokens = logits.argmax(dim=-1)
-        generated.append(tokens)
-        done |= torch.tensor([int(t) in eos for t in tokens.tolist()], device=device)
+    attention = model.config._attn_implementation
+    model.set_attn_implementation(GROUPED_SDPA)
+    try:
+        for step in range(1, max_new_tokens):
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, mask.new_ones(len(caches), 1)], dim=1)
+            logits = model(
+                input_ids=tokens[:, None],
+                attention_mask=mask,
+                position_ids=(lengths + step - 1)[:, None],
+                cache_position=torch.tensor([longest + step - 1], device=device),
+                past_key_values=batch,
+                use_cache=True,
+            ).logits[:, -1]
+            tokens = logits.argmax(dim=-1)
+            generated.append(tokens)
+            done |= torch.tensor([int(t) in eos for t in tokens.tolist()], device=device)
+    finally:
+        model.set_attn_implementation(attention)
     sequences = torch.stack(generated, dim=1)
     return [_until_eos(row, eos) for row in sequences]
 
