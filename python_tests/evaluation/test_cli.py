@@ -35,7 +35,7 @@ BAD_OPTIONS = [
     (["demo", "--model", MISSING], f"--model: no such directory: {MISSING} (expected 'smollm2' or a local HF"),
     (["demo", "--model", "/"], "--model: / is not an HF checkpoint directory (no config.json)"),
     (["demo", "--module", MISSING], f"--module: no such directory: {MISSING}"),
-    (["demo", "--policies", "snapkv", "--module", "/"], "--module is the lookaheadkv policy's"),
+    (["demo", "--policies", "snapkv", "--module", "/"], "--module is the lookaheadkv policies'"),
     (["eval", "--lengths", "1024,100"], "--lengths: must be >= 256"),
     (["eval", "--tasks", "niah_single,nope"], "--tasks: unknown tasks ['nope']"),
     (["eval", "--budgets", "64,0"], "--budgets: budget '0'"),

@@ -292,11 +292,35 @@ def test_cli_lists_the_evaluation_commands():
 
 
 def test_evaluation_policy_names_derive_from_the_runtime_registry():
-    from lookaheadkv_kernels.evaluation.policies import ALL_POLICIES, CONTROLS, FULL, PEER_POLICIES
+    from lookaheadkv_kernels.evaluation.policies import ALL_POLICIES, CONTROLS, FULL, MODULE_CONTROLS, PEER_POLICIES
     from lookaheadkv_kernels.runtime import POLICIES
 
-    assert ALL_POLICIES == (FULL, *POLICIES, *CONTROLS, *PEER_POLICIES)
+    assert ALL_POLICIES == (FULL, *POLICIES, *CONTROLS, *MODULE_CONTROLS, *PEER_POLICIES)
     assert harness._parser().get_default("policies") == ",".join(ALL_POLICIES)
+
+
+def test_module_controls_are_the_rows_alone_the_paper_and_the_untrained_rows():
+    from lookaheadkv_kernels.evaluation.policies import build_policy
+    from lookaheadkv_kernels.runtime.lookahead import LookaheadModule
+
+    model = tiny_llama()
+    module = trained_looking(model)
+    rows = build_policy("lookaheadkv-rows", module, model)
+    assert rows.module is module and rows.window_votes == 0
+    assert rows.options == LookaheadKV(module).options and rows.depth_ramp == LookaheadKV(module).depth_ramp
+    paper = build_policy("lookaheadkv-paper", module, model)
+    reference = LookaheadKV.paper(module)
+    assert (paper.options, paper.depth_ramp, paper.window_votes) == (
+        reference.options,
+        reference.depth_ramp,
+        reference.window_votes,
+    )
+    untrained = build_policy("lookaheadkv-untrained", module, model)
+    fresh = LookaheadModule(model, n_lookahead=module.config.n_lookahead, rank=module.config.rank, seed=0)
+    assert untrained.window_votes == 0 and untrained.module is not module
+    assert all(torch.equal(a, b) for a, b in zip(untrained.module.state_dict().values(), fresh.state_dict().values()))
+    with pytest.raises(ValueError, match="lookaheadkv-rows"):
+        build_policy("lookaheadkv-rows", None)
 
 
 @pytest.mark.parametrize("name, same_budgets", [("snapkv-lkvpool", False), ("snapkv-lkvconfig", True)])

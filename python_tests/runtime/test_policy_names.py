@@ -11,7 +11,13 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from lookaheadkv_kernels.evaluation.kvpress_peers import PRESSES  # noqa: E402
-from lookaheadkv_kernels.evaluation.policies import ALL_POLICIES, CONTROLS, FULL, PEER_POLICIES  # noqa: E402
+from lookaheadkv_kernels.evaluation.policies import (  # noqa: E402
+    ALL_POLICIES,
+    CONTROLS,
+    FULL,
+    MODULE_CONTROLS,
+    PEER_POLICIES,
+)
 from lookaheadkv_kernels.runtime import generate, load_model, make_policy  # noqa: E402
 from lookaheadkv_kernels.runtime.policies import POLICIES, SnapKV  # noqa: E402
 
@@ -36,7 +42,7 @@ def tiny_llama():
 
 
 def test_the_cli_runs_the_runtime_policies_under_the_runtimes_names():
-    runtime_names = [name for name in ALL_POLICIES if name not in (FULL, *CONTROLS, *PEER_POLICIES)]
+    runtime_names = [name for name in ALL_POLICIES if name not in (FULL, *CONTROLS, *MODULE_CONTROLS, *PEER_POLICIES)]
     assert set(runtime_names) == set(POLICIES)
 
 
