@@ -184,6 +184,8 @@ def load_model(
             path, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
         )
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if str(source).lower() == "smollm2":
+        model.config._name_or_path = "smollm2"  # what a saved module records as its base: the name, not a cache path
     model.to(device).eval()
     check_supported(model)
     return model, tokenizer

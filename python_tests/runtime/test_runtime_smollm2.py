@@ -6,6 +6,7 @@ tokens so the whole file runs in well under a minute on 2 cores.
 """
 
 import gzip
+import json
 import warnings
 from importlib.resources import files
 
@@ -63,6 +64,15 @@ def test_converted_checkpoint_and_tokenizer(smollm2, needle_ids):
     assert needle_ids[0, 0] == im_start and needle_ids[0, 1] != im_start  # one <|im_start|>, not two
     assert tokenizer.eos_token == "<|im_end|>" and model.generation_config.eos_token_id == 2
     assert 300 < needle_ids.shape[1] < 420
+
+
+def test_shipped_module_names_its_base_model_portably(smollm2):
+    from lookaheadkv_kernels.runtime.lookahead import CONFIG_FILE, shipped_module_dir
+
+    model, _ = smollm2
+    assert model.config._name_or_path == "smollm2"  # what a module trained on it records, never a cache path
+    saved = json.loads((shipped_module_dir(model) / CONFIG_FILE).read_text())
+    assert saved["base_model"] == "smollm2"
 
 
 def test_full_cache_answer_finds_the_needle(smollm2, needle_ids):
