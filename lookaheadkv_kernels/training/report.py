@@ -251,6 +251,28 @@ def markdown(recall, kl, rows, budgets, settings: dict) -> str:
     return "\n".join(lines)
 
 
+def curves(history: dict, prompts_per_step: float) -> str:
+    """Markdown table of a training run's history.json: each validation with the mean training loss
+    of the steps since the previous one."""
+    losses, lines = history["losses"], []
+    keys = [k for k in history["validations"][0] if k.startswith("recall@")] if history["validations"] else []
+    lines += [
+        "| step | prompts seen | training loss (mean since last row) | held-out KL | "
+        + " | ".join(f"held-out {k}" for k in keys)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(keys),
+    ]
+    previous = 0
+    for v in history["validations"]:
+        step = v["step"]
+        span = losses[previous:step]
+        loss = f"{sum(span) / len(span):.4f}" if span else "–"
+        cells = " | ".join(f"{v[k]:.3f}" for k in keys)
+        lines.append(f"| {step} | {round(step * prompts_per_step)} | {loss} | {v['kl']:.4f} | {cells} |")
+        previous = step
+    return "\n".join(lines)
+
+
 def _count(rows, field):
     counts = {}
     for r in rows:
@@ -274,6 +296,10 @@ def main(argv=None) -> int:
         default=[],
         metavar="NAME=DIR",
         help="another module to score beside --module, reported as NAME (repeatable)",
+    )
+    p.add_argument(
+        "--history",
+        help="the training run's history.json (with its run.json beside it): adds the training curves",
     )
     p.add_argument("--model", default="smollm2")
     p.add_argument(
@@ -356,7 +382,20 @@ def main(argv=None) -> int:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(markdown(recall, kl, rows, args.budgets, settings))
+    text = markdown(recall, kl, rows, args.budgets, settings)
+    if args.history:
+        history = json.loads(Path(args.history).read_text())
+        run = json.loads(Path(args.history).with_name("run.json").read_text())
+        config = run["train_config"]
+        text += (
+            "\n## Training curves\n\n"
+            f"`{run['command']}`; held-out KL and recall as the trainer measures them (pooled as in the loss, "
+            "over the keys after the sinks, exact top-B of the pooled target among the pooled prediction's top-B; "
+            "its own held-out prompts, not the ones above).\n\n"
+            + curves(history, config["batch_size"] / config["reuse"])
+            + "\n"
+        )
+    out.write_text(text)
     out.with_suffix(".json").write_text(json.dumps({"recall": recall, "kl": kl, "rows": rows}, indent=1))
     print(out.read_text())
     return 0

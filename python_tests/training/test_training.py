@@ -578,3 +578,21 @@ def test_length_mix_draws_short_and_long_documents():
 def test_config_rejects_bad_loss_settings(bad):
     with pytest.raises(ValueError, match=next(iter(bad)).split("_")[0]):
         TrainConfig(**bad)
+
+
+def test_report_curves_pair_each_validation_with_the_loss_since_the_last():
+    from lookaheadkv_kernels.training.report import curves
+
+    history = {
+        "losses": [0.5, 0.3, 0.2, 0.1],
+        "validations": [
+            {"step": 0, "kl": 0.4, "recall@64": 0.6},
+            {"step": 2, "kl": 0.3, "recall@64": 0.7},
+            {"step": 4, "kl": 0.25, "recall@64": 0.75},
+        ],
+    }
+    lines = curves(history, prompts_per_step=8).splitlines()
+    assert lines[0].startswith("| step | prompts seen |") and "held-out recall@64" in lines[0]
+    assert lines[2] == "| 0 | 0 | – | 0.4000 | 0.600 |"
+    assert lines[3] == "| 2 | 16 | 0.4000 | 0.3000 | 0.700 |"
+    assert lines[4] == "| 4 | 32 | 0.1500 | 0.2500 | 0.750 |"
