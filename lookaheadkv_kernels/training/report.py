@@ -364,10 +364,10 @@ def main(argv=None) -> int:
         )
         modules = {"lookaheadkv": trained, "lookaheadkv-untrained": untrained}
         for spec in args.compare_module:
-            name, sep, directory = spec.partition("=")
-            if not sep or not name or not directory or name in modules or name in policies:
+            name, sep, module_dir = spec.partition("=")
+            if not sep or not name or not module_dir or name in modules or name in policies:
                 p.error(f"--compare-module {spec!r}: expected a new NAME=DIR")
-            modules[name] = LookaheadModule.load(directory, model).to(args.device).eval()
+            modules[name] = LookaheadModule.load(module_dir, model).to(args.device).eval()
     work_dir = directory / "baselines"
     rows = evaluate(model, paths, policies, modules, args.budgets, work_dir)
     if not modules:
