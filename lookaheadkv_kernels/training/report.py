@@ -139,18 +139,26 @@ def module_part(model, record, modules: dict, budgets, kv_path: Path, row: dict)
     oracle = record.importance.to(device)
     for name, module in modules.items():
         # Recall: the policy as users get it (its default pooling, shift and max over the queries), less
-        # the window votes (the report measures the module; this scores saved K/V without hidden rows).
+        # the window votes (the report measures the module; this scores saved K/V without hidden rows);
+        # and "-as-trained": the scoring the loss fits (mean over the queries, avg-pool 5, no shift) with
+        # uniform budgets.
         # KL: the loss training fits by default (trainer.distributions with TrainConfig(), which pools),
         # from the unpooled, unshifted mean over the queries.
         # Scores do not depend on the budget: score once, compact per budget.
-        policy = LookaheadKV(module, window_votes=0)  # the module alone (the window's votes are SnapKV's)
-        scores = policy_scores(model, layers, None, policy, [n] * len(layers), n)
-        row["recall"][name] = {
-            b: mean_recall(
-                compact_all(layers, scores, policy.layer_budgets(b, n, len(layers)), policy.num_sink, n), oracle, b
-            )
-            for b in budgets
+        variants = {
+            name: LookaheadKV(module, window_votes=0),  # the module alone (the window's votes are SnapKV's)
+            f"{name}-as-trained": LookaheadKV(
+                module, window_votes=0, query_reduce="mean", pool_kernel=5, pool_type="avg", pool_shift=0, depth_ramp=0
+            ),
         }
+        for label, policy in variants.items():
+            scores = policy_scores(model, layers, None, policy, [n] * len(layers), n)
+            row["recall"][label] = {
+                b: mean_recall(
+                    compact_all(layers, scores, policy.layer_budgets(b, n, len(layers)), policy.num_sink, n), oracle, b
+                )
+                for b in budgets
+            }
         unpooled_policy = LookaheadKV(module, pool_kernel=1, query_reduce="mean", window_votes=0, pool_shift=0)
         unpooled = policy_scores(model, layers, None, unpooled_policy, [n] * len(layers), n)
         target, predicted = distributions(oracle, torch.stack([s[0] for s in unpooled]), TrainConfig())
@@ -210,7 +218,8 @@ def markdown(recall, kl, rows, budgets, settings: dict) -> str:
         f"mean over KV heads, layers and prompts. All policies protect {DEFAULT_NUM_SINK} sink tokens and use their "
         f"defaults (LookaheadKV: {LOOKAHEAD_POOL_TYPE}-pool {LOOKAHEAD_POOL_KERNEL}, {LOOKAHEAD_QUERY_REDUCE} over its queries, "
         f"scores moved {LOOKAHEAD_POOL_SHIFT} keys later, depth ramp {LOOKAHEAD_DEPTH_RAMP}; the module alone, without the "
-        "policy's window votes, which are SnapKV's).",
+        "policy's window votes, which are SnapKV's). Rows ending in -as-trained score the same modules the way "
+        "the loss fits them (the mean over the queries, avg-pool 5, no shift) with uniform budgets.",
         "",
         "| policy | " + " | ".join(f"recall@{b}" for b in budgets) + " |",
         "|---|" + "---|" * len(budgets),
