@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..argtypes import positive_int, torch_device
+from ..provenance import provenance
 from ..runtime.cache import CompactedCache, CompactedLayer, compact_layer
 from ..runtime.lookahead import LookaheadModule
 from ..runtime.models import cache_dir, config_hash, layer_parts, load_model
@@ -392,6 +393,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = markdown(recall, kl, rows, args.budgets, settings)
+    title, rest = text.split("\n", 1)
+    text = f"{title}\n\n{provenance(str(out), settings['command'])}{rest}"
     if args.history:
         history = json.loads(Path(args.history).read_text())
         run = json.loads(Path(args.history).with_name("run.json").read_text())
