@@ -30,7 +30,6 @@ from ..runtime.eviction import encode_prompt, eos_ids
 from .data import Sample
 from .targets import answer_importance
 
-
 GROUPED_SDPA = "lookaheadkv_grouped_sdpa"
 
 
